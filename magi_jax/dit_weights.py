@@ -1,0 +1,145 @@
+"""The DiT's upstream key table and loading a released checkpoint into our model.
+
+Upstream loads `<load>/inference_weight[.fp8][.distill]/model.safetensors` (or the shards of
+`model.safetensors.index.json`, optionally `.zst`) straight into `VideoDiTModel`'s module
+names. Each rule below names one such key, the leaf of our parameter tree it fills and the
+layout change:
+  * nn.Linear (out, in) -> kernel (in, out);
+  * Conv3d (D, C, pt, p, p) with stride = kernel -> a linear over flattened patches;
+  * fp8 linears: weight (1, out, in) float8 -> kernel (in, out), scales as stored (the
+    smooth scale (1, in) -> (in,));
+  * the attention output projection's input features are reordered from upstream's
+    tensor-parallel-8 layout to a plain [self | cross] concatenation (see dit.py).
+Per-layer keys are stacked on the scanned layer axis of their segment.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from magi_jax.config import MagiConfig
+from magi_jax.convert import IDENTITY, LINEAR, Rule, Transform, convert
+from magi_jax.dit import DiT, layer_segments, output_projection_order
+from magi_jax.safetensors_io import open_checkpoint
+
+FP8_WEIGHT = Transform("fp8 weight (1,out,in)->(in,out)", lambda a: a[0].T, lambda s: (1, s[1], s[0]))
+
+
+def _patch_embed(cfg) -> Transform:
+    c, pt, p = cfg.in_channels, cfg.t_patch_size, cfg.patch_size
+    return Transform("conv3d->linear", lambda a: a.reshape(a.shape[0], -1).T, lambda s: (s[1], c, pt, p, p))
+
+
+def _permuted_rows(perm, fp8: bool) -> Transform:
+    """A kernel whose input features upstream feeds in `perm` order."""
+    if fp8:
+        return Transform("fp8 weight, reordered inputs", lambda a: a[0].T[perm], lambda s: (1, s[1], s[0]))
+    return Transform("linear, reordered inputs", lambda a: a.T[perm], lambda s: (s[1], s[0]))
+
+
+def _smooth_scale(perm=None) -> Transform:
+    take = (lambda a: a[0]) if perm is None else (lambda a: a[0][perm])
+    return Transform("smooth scale (1,in)->(in,)", take, lambda s: (1, s[0]))
+
+
+def dit_rules(config: MagiConfig) -> list[Rule]:
+    cfg = config.model
+    rules = [
+        Rule("x_embedder.weight", ("x_embedder", "kernel"), _patch_embed(cfg)),
+        Rule("t_embedder.mlp.0.weight", ("t_embedder", "fc1", "kernel"), LINEAR),
+        Rule("t_embedder.mlp.0.bias", ("t_embedder", "fc1", "bias")),
+        Rule("t_embedder.mlp.2.weight", ("t_embedder", "fc2", "kernel"), LINEAR),
+        Rule("t_embedder.mlp.2.bias", ("t_embedder", "fc2", "bias")),
+        Rule("y_embedder.y_proj_xattn.0.weight", ("y_embedder", "xattn", "kernel"), LINEAR),
+        Rule("y_embedder.y_proj_xattn.0.bias", ("y_embedder", "xattn", "bias")),
+        Rule("y_embedder.y_proj_adaln.0.weight", ("y_embedder", "adaln", "kernel"), LINEAR),
+        Rule("y_embedder.y_proj_adaln.0.bias", ("y_embedder", "adaln", "bias")),
+        Rule("y_embedder.null_caption_embedding", ("y_embedder", "null_caption")),
+        Rule("rope.bands", ("rope_bands",)),
+        Rule("videodit_blocks.final_layernorm.weight", ("final_norm", "weight")),
+        Rule("videodit_blocks.final_layernorm.bias", ("final_norm", "bias")),
+        Rule("final_linear.linear.weight", ("final_linear", "kernel"), LINEAR),
+    ]
+    perm = output_projection_order(cfg.num_attention_heads * cfg.kv_channels)
+    for seg, (first, count, quant) in enumerate(layer_segments(cfg, config.engine.fp8_quant)):
+        rules += _layer_rules(seg, range(first, first + count), quant, perm)
+    return rules
+
+
+def _layer_rules(seg: int, layers: range, quant: bool, perm) -> list[Rule]:
+    """Rules of one segment of identical layers (stacked on the segment's layer axis)."""
+    rules = []
+
+    def add(torch_name, ours, transform=IDENTITY, exact=False):
+        path = ("segments", seg, "layers", *ours)
+        rules.append(Rule(f"videodit_blocks.layers.{{i}}.{torch_name}", path, transform, layers, exact))
+
+    def add_linear(torch_name, ours, smoothed=False):
+        if not quant:
+            add(f"{torch_name}.weight", (ours, "kernel"), LINEAR)
+            return
+        add(f"{torch_name}.weight", (ours, "kernel"), FP8_WEIGHT, exact=True)
+        add(f"{torch_name}.weight_scale", (ours, "weight_scale"), exact=True)
+        add(f"{torch_name}.input_scale", (ours, "input_scale"), exact=True)
+        if smoothed:
+            add(f"{torch_name}.smooth_scale", (ours, "smooth_scale"), _smooth_scale(), exact=True)
+
+    def add_norm(torch_name, ours):
+        add(f"{torch_name}.weight", (ours, "weight"))
+        add(f"{torch_name}.bias", (ours, "bias"))
+
+    add("ada_modulate_layer.proj.0.weight", ("ada", "kernel"), LINEAR)
+    add("ada_modulate_layer.proj.0.bias", ("ada", "bias"))
+    add_norm("self_attention.linear_qkv.layer_norm", "attn_norm")
+    for name in ("q", "qx", "k", "v"):
+        add_linear(f"self_attention.linear_qkv.{name}", name)
+    add("self_attention.linear_kv_xattn.weight", ("kv_xattn", "kernel"), LINEAR)
+    if quant:
+        proj = "self_attention.linear_proj"
+        add(f"{proj}.weight", ("proj", "kernel"), _permuted_rows(perm, True), exact=True)
+        add(f"{proj}.weight_scale", ("proj", "weight_scale"), exact=True)
+        add(f"{proj}.input_scale", ("proj", "input_scale"), exact=True)
+        add(f"{proj}.smooth_scale", ("proj", "smooth_scale"), _smooth_scale(perm), exact=True)
+    else:
+        add("self_attention.linear_proj.weight", ("proj", "kernel"), _permuted_rows(perm, False))
+    add_norm("self_attention.q_layernorm", "q_norm")
+    add_norm("self_attention.k_layernorm", "k_norm")
+    add_norm("self_attention.q_layernorm_xattn", "q_norm_x")
+    add_norm("self_attention.k_layernorm_xattn", "k_norm_x")
+    add_norm("self_attn_post_norm", "attn_post_norm")
+    add_norm("mlp.layer_norm", "mlp_norm")
+    add_linear("mlp.linear_fc1", "fc1")
+    add_linear("mlp.linear_fc2", "fc2", smoothed=True)
+    add_norm("mlp_post_norm", "mlp_post_norm")
+    return rules
+
+
+def abstract_dit(config: MagiConfig) -> DiT:
+    """The model's structure with shapes and dtypes only: nothing is allocated."""
+    return nnx.eval_shape(lambda: DiT(config.model, fp8_quant=config.engine.fp8_quant, distill=config.engine.distill))
+
+
+def expected_leaves(abstract: DiT) -> dict:
+    return {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(abstract))}
+
+
+def convert_dit(src, config: MagiConfig, progress=None) -> dict[tuple, np.ndarray]:
+    """Reads an upstream DiT checkpoint (file or folder) into {our path: numpy array}."""
+    ckpt = open_checkpoint(src)
+    try:
+        return convert(
+            ckpt, dit_rules(config), expected_leaves(abstract_dit(config)), progress=progress, source=str(src)
+        )
+    finally:
+        ckpt.close()
+
+
+def build_dit(config: MagiConfig, arrays: dict) -> DiT:
+    """A DiT whose parameters are `arrays` ({path: array}, e.g. from convert_dit)."""
+    abstract = abstract_dit(config)
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    filled = [(path, var.replace(value=jnp.asarray(arrays[path]))) for path, var in flat]
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))

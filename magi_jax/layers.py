@@ -1,0 +1,145 @@
+"""Building blocks shared by the DiT: linears (plain and fp8), layer norms, activations.
+
+Precision follows upstream's mixed scheme, which the parity fixtures pin down:
+  * a Linear may compute in a wider dtype than it stores (upstream's float32 autocast
+    around the output projection and the embedders): `compute_dtype`;
+  * matmuls accumulate in float32 and round once to the output dtype (what torch/cuBLAS do
+    for bf16 GEMMs);
+  * norms compute in float32 and round once.
+
+Parameters carry logical axis names (`out_sharding` metadata) that sharding.py maps to
+mesh axes. Axis letters in shapes: S tokens, D hidden, F features in, O features out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # finfo(float8_e4m3fn).max
+
+
+def param(rngs: nnx.Rngs | None, shape, dtype, axes, init="normal", scale=0.02) -> nnx.Param:
+    """A parameter with logical axis names; zeros when no rngs are given (abstract/loaded models)."""
+    if rngs is None or init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    # Logical names only: placement is decided by sharding.py from one rules table, not eagerly.
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def matmul(x, w, out_dtype, compute_dtype=None):
+    """x @ w with float32 accumulation, inputs cast to `compute_dtype` (default: x's dtype)."""
+    cd = compute_dtype or x.dtype
+    y = jnp.matmul(x.astype(cd), w.astype(cd), preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel (F, O) is the transpose of torch's (O, F) weight."""
+
+    def __init__(
+        self,
+        fin: int,
+        fout: int,
+        *,
+        dtype,
+        axes=("embed", "mlp"),
+        bias=False,
+        compute_dtype=None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        self.kernel = param(rngs, (fin, fout), dtype, axes)
+        self.bias = param(None, (fout,), dtype, axes[1:]) if bias else None
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x):
+        cd = self.compute_dtype or x.dtype
+        y = jnp.matmul(x.astype(cd), self.kernel[...].astype(cd), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(cd)
+
+
+class Fp8Linear(nnx.Module):
+    """MAGI-1's fp8 linears (per-tensor and per-channel-smoothed), with their exact rounding.
+
+    Activations: fp8(bf16(clamp(float(x) / divisor, +-448))) - two roundings - where the
+    divisor is `input_scale` (per-tensor layers, a vector) or `smooth_scale` (per-channel
+    layers). The product is scaled by input_scale[0] * weight_scale[0] only: upstream hands
+    both to cuBLASLt as scalar pointers, so the rest of a vector input_scale is never applied.
+    The product is computed on the dequantised values in float32 (exact products of fp8
+    numbers), for backends without an fp8 matmul.
+    """
+
+    def __init__(self, fin: int, fout: int, *, smoothed: bool, axes=("embed", "mlp"), rngs: nnx.Rngs | None = None):
+        self.kernel = param(None, (fin, fout), FP8, axes)
+        self.weight_scale = param(None, (1,), jnp.float32, (None,), init="ones")
+        self.input_scale = param(
+            None, (1,) if smoothed else (fin,), jnp.float32, (None,) if smoothed else axes[:1], init="ones"
+        )
+        self.smooth_scale = param(None, (fin,), jnp.float32, axes[:1], init="ones") if smoothed else None
+        if rngs is not None:  # random fp8 weights for untrained models: N(0, 0.02) quantised
+            w = 0.02 * jax.random.normal(rngs.params(), (fin, fout), jnp.float32)
+            self.weight_scale[...] = jnp.max(jnp.abs(w)).reshape(1) / FP8_MAX
+            self.kernel[...] = (w / self.weight_scale[...]).astype(FP8)
+
+    def quantize_input(self, x):
+        divisor = self.smooth_scale[...] if self.smooth_scale is not None else self.input_scale[...]
+        q = jnp.clip(x.astype(jnp.float32) / divisor, -FP8_MAX, FP8_MAX)
+        return q.astype(jnp.bfloat16).astype(FP8)
+
+    def __call__(self, x):
+        xq = self.quantize_input(x)
+        acc = jnp.matmul(xq.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        scale = self.input_scale[...][0] * self.weight_scale[...][0]
+        return (acc * scale).astype(jnp.bfloat16)
+
+
+def linear(fin, fout, *, quantized=False, smoothed=False, dtype, axes, rngs=None, **kw):
+    """A plain Linear, or the fp8 one used inside quantised layers."""
+    if quantized:
+        return Fp8Linear(fin, fout, smoothed=smoothed, axes=axes, rngs=rngs)
+    return Linear(fin, fout, dtype=dtype, axes=axes, rngs=rngs, **kw)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with bias; `zero_centered` stores gamma - 1 (upstream's fused norms with
+    apply_layernorm_1p). gamma = weight + 1 is formed in the parameter dtype, as upstream does."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, zero_centered: bool, axes=("embed",), rngs=None):
+        self.weight = param(None, (dim,), dtype, axes, init="zeros" if zero_centered else "ones")
+        self.bias = param(None, (dim,), dtype, axes, init="zeros")
+        self.eps = eps
+        self.zero_centered = zero_centered
+
+    def __call__(self, x):
+        gamma = self.weight[...]
+        if self.zero_centered:
+            gamma = gamma + jnp.asarray(1, gamma.dtype)
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * gamma.astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def gelu(x):
+    """torch's default (erf) GELU, float32 math, one rounding."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def silu_and_mul(x):
+    """SwiGLU on [gate | up] halves: silu(gate) * up, float32 math, one rounding."""
+    gate, up = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return (jax.nn.silu(gate) * up).astype(x.dtype)
+
+
+def softcap(x, cap: float):
+    return (cap * jnp.tanh(x.astype(jnp.float32) / cap)).astype(x.dtype)
