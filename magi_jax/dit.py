@@ -341,3 +341,24 @@ class DiT(nnx.Module):
         if cfg.half_channel_vae:
             out = out[: cfg.latent_channels]
         return out / f32(cfg.x_rescale_factor), cache
+
+
+def forward_flops(cfg: ModelConfig, chunks: int, chunk_tokens: int, visible_keys: int, caption_tokens: int) -> int:
+    """Matmul FLOPs of one DiT pass over `chunks` chunks (2 per multiply-add).
+
+    visible_keys: keys each query attends to (its kv range, cached chunks included);
+    caption_tokens: unmasked caption tokens per chunk.
+    """
+    d, h, g, dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
+    ffn = cfg.ffn_hidden_size
+    s = chunks * chunk_tokens
+    qd, kvd = h * dh, g * dh
+    per_token = 2 * d * (2 * qd + 2 * kvd)  # q, qx, k, v
+    per_token += 2 * (2 * qd) * d  # output projection
+    per_token += 2 * d * ffn * (2 if cfg.gated_linear_unit else 1) + 2 * ffn * d  # MLP
+    per_token += 4 * qd * (visible_keys + caption_tokens)  # QK^T and PV, self and cross
+    per_layer = s * per_token + chunks * caption_tokens * 2 * cfg.xattn_size * 2 * kvd
+    patch = cfg.in_channels * cfg.t_patch_size * cfg.patch_size**2
+    ends = 2 * s * d * (patch + cfg.out_channels * cfg.t_patch_size * cfg.patch_size**2)
+    ends += 2 * chunks * caption_tokens * cfg.caption_channels * cfg.xattn_size
+    return cfg.num_layers * per_layer + ends

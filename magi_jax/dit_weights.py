@@ -143,3 +143,27 @@ def build_dit(config: MagiConfig, arrays: dict) -> DiT:
     flat = nnx.to_flat_state(state)
     filled = [(path, var.replace(value=jnp.asarray(arrays[path]))) for path, var in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def load_dit(path, config: MagiConfig, shardings: dict | None = None, progress=None) -> DiT:
+    """A DiT from a magi-jax checkpoint folder, or straight from upstream safetensors.
+
+    An orbax checkpoint is restored into the layout `shardings` gives (one device when
+    None); upstream weights are converted on the fly (host memory: one copy of the model).
+    """
+    from magi_jax import checkpoint
+
+    expected = expected_leaves(abstract_dit(config))
+    if checkpoint.is_checkpoint(path):
+        stored = checkpoint.read_meta(path).get("config", {}).get("model_config")
+        ours = config.to_dict()["model_config"]
+        if stored is not None and stored != ours:
+            diff = sorted(k for k in ours if stored.get(k) != ours[k])
+            raise checkpoint.CheckpointFormatError(
+                f"{path} was converted for another model config (differs in {', '.join(diff)}); "
+                f"convert the weights for this config or pass the config they were made with"
+            )
+        arrays = checkpoint.restore(path, expected, "dit", shardings)
+    else:
+        arrays = convert_dit(path, config, progress=progress)
+    return build_dit(config, arrays)

@@ -22,11 +22,12 @@ FP8_MAX = 448.0  # finfo(float8_e4m3fn).max
 
 
 def param(rngs: nnx.Rngs | None, shape, dtype, axes, init="normal", scale=0.02) -> nnx.Param:
-    """A parameter with logical axis names; zeros when no rngs are given (abstract/loaded models)."""
-    if rngs is None or init == "zeros":
-        value = jnp.zeros(shape, dtype)
-    elif init == "ones":
+    """A parameter with logical axis names. Random inits fall back to zeros without rngs
+    (models built only to receive loaded weights)."""
+    if init == "ones":
         value = jnp.ones(shape, dtype)
+    elif rngs is None or init == "zeros":
+        value = jnp.zeros(shape, dtype)
     else:
         value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     # Logical names only: placement is decided by sharding.py from one rules table, not eagerly.
@@ -54,7 +55,8 @@ class Linear(nnx.Module):
         compute_dtype=None,
         rngs: nnx.Rngs | None = None,
     ):
-        self.kernel = param(rngs, (fin, fout), dtype, axes)
+        # LeCun-normal so that random (untrained) models propagate signal through every layer
+        self.kernel = param(rngs, (fin, fout), dtype, axes, scale=fin**-0.5)
         self.bias = param(None, (fout,), dtype, axes[1:]) if bias else None
         self.compute_dtype = compute_dtype
 
@@ -84,8 +86,8 @@ class Fp8Linear(nnx.Module):
             None, (1,) if smoothed else (fin,), jnp.float32, (None,) if smoothed else axes[:1], init="ones"
         )
         self.smooth_scale = param(None, (fin,), jnp.float32, axes[:1], init="ones") if smoothed else None
-        if rngs is not None:  # random fp8 weights for untrained models: N(0, 0.02) quantised
-            w = 0.02 * jax.random.normal(rngs.params(), (fin, fout), jnp.float32)
+        if rngs is not None:  # random fp8 weights for untrained models: LeCun-normal, quantised
+            w = fin**-0.5 * jax.random.normal(rngs.params(), (fin, fout), jnp.float32)
             self.weight_scale[...] = jnp.max(jnp.abs(w)).reshape(1) / FP8_MAX
             self.kernel[...] = (w / self.weight_scale[...]).astype(FP8)
 

@@ -1,0 +1,145 @@
+"""Orbax checkpoints of converted weights: atomic save, restore into a target layout.
+
+A checkpoint folder holds
+  params/          the orbax (tensorstore) arrays, one per leaf of our parameter tree;
+  magi_jax.json    what it is: {"model": "dit" | "vae" | "t5", "config": {...}, "summary": {...}}.
+It is written to `<out>.tmp-<pid>` and renamed into place at the end, so an interrupted
+conversion never leaves a folder that looks complete.
+
+Restoring takes the abstract parameter tree of the model the config describes (shapes,
+dtypes and, when given, shardings), so arrays land directly where they will be used - on
+one device, on the host, or split over a mesh - without a full host copy first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+META = "magi_jax.json"
+PARAMS = "params"
+
+
+class CheckpointFormatError(ValueError):
+    """A folder that is not a magi-jax checkpoint, or one of another model or shape."""
+
+
+def _key(part) -> str:
+    return str(part)
+
+
+def nest(flat: dict) -> dict:
+    """{('a', 0, 'b'): x} -> {'a': {'0': {'b': x}}} (orbax stores string-keyed trees)."""
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(_key(part), {})
+        node[_key(path[-1])] = value
+    return tree
+
+
+def flatten(tree: dict, paths) -> dict:
+    """Inverse of `nest` for the given paths."""
+    out = {}
+    for path in paths:
+        node = tree
+        for part in path:
+            node = node[_key(part)]
+        out[path] = node
+    return out
+
+
+def summarize(flat: dict) -> dict:
+    """Parameter count, bytes and per-dtype counts of {path: array-like}."""
+    count, nbytes, dtypes = 0, 0, Counter()
+    for a in flat.values():
+        n = int(np.prod(a.shape, dtype=np.int64))
+        count += n
+        nbytes += n * np.dtype(a.dtype).itemsize
+        dtypes[str(np.dtype(a.dtype))] += n
+    return {"parameters": count, "bytes": nbytes, "dtypes": dict(sorted(dtypes.items()))}
+
+
+def save(flat: dict, out: str | os.PathLike, model: str, config: dict, overwrite: bool = False) -> dict:
+    """Writes {path: numpy array} as a checkpoint folder; returns its summary."""
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent} does not exist; create it first")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS, nest(flat))
+            ckptr.wait_until_finished()
+        summary = summarize(flat)
+        (tmp / META).write_text(json.dumps({"model": model, "config": config, "summary": summary}, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    meta = path / META
+    if not meta.exists() or not (path / PARAMS).is_dir():
+        raise CheckpointFormatError(
+            f"{path} is not a magi-jax checkpoint (no {META} / {PARAMS}/); write one with convert_torch_weights.py"
+        )
+    return json.loads(meta.read_text())
+
+
+def is_checkpoint(path) -> bool:
+    p = Path(path)
+    return (p / META).exists() and (p / PARAMS).is_dir()
+
+
+def restore(path: str | os.PathLike, expected: dict, model: str, shardings: dict | None = None) -> dict:
+    """Reads a checkpoint into {path: jax.Array} shaped like `expected` ({path: ShapeDtypeStruct}).
+
+    `shardings` ({path: jax.sharding.Sharding}) places each array as it is read.
+    """
+    path = Path(path).resolve()
+    meta = read_meta(path)
+    if meta.get("model") != model:
+        raise CheckpointFormatError(f"{path} holds a {meta.get('model')!r} checkpoint, expected {model!r}")
+    target = {}
+    for p, s in expected.items():
+        sharding = shardings[p] if shardings else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target[p] = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path / PARAMS)
+        stored_tree = getattr(stored, "item_metadata", stored)
+        problems = []
+        for p, s in expected.items():
+            try:
+                m = flatten(stored_tree, [p])[p]
+            except (KeyError, TypeError):
+                problems.append(f"missing {'.'.join(map(str, p))}")
+                continue
+            if tuple(m.shape) != tuple(s.shape) or np.dtype(m.dtype) != np.dtype(s.dtype):
+                problems.append(
+                    f"{'.'.join(map(str, p))}: stored {tuple(m.shape)} {np.dtype(m.dtype)}, "
+                    f"expected {tuple(s.shape)} {np.dtype(s.dtype)}"
+                )
+        if problems:
+            raise CheckpointFormatError(
+                f"{path} does not match the config ({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:20])
+            )
+        tree = ckptr.restore(path / PARAMS, nest(target))
+    return flatten(tree, expected.keys())
