@@ -68,8 +68,8 @@ def main():
         out, cache = nnx.merge(graphdef, state)(
             x,
             t,
-            cap,
-            mask,
+            cap[None],
+            mask[None],
             kv,
             frame0,
             t_total,
@@ -78,7 +78,7 @@ def main():
             write_count=r * tokens,
             distill_dt=4.0 if cfg.engine.distill else None,
             read_cache=True,
-            write_cache=True,
+            write_row=0,
         )
         return out, cache
 

@@ -41,6 +41,7 @@ from magi_jax.rope import apply_rope, rope_tables
 
 f32 = jnp.float32
 FREQ_DIM = 256  # sinusoidal timestep features
+MKL_EXP_ROUNDED_UP = (12, 106)  # see TimestepEmbedder.frequencies
 GATE_CAP = 1.0  # softcap of the AdaLN gates
 PROJ_TP = 8  # upstream's output projection expects its input in a tensor-parallel-8 layout
 
@@ -66,10 +67,26 @@ class TimestepEmbedder(nnx.Module):
         self.fc2 = Linear(c, c, dtype=f32, bias=True, axes=("cond", "cond"), rngs=rngs)
         self.params_dtype = cfg.dtype
 
-    def __call__(self, t):
+    @staticmethod
+    def frequencies() -> np.ndarray:
+        """exp(-ln(10000) * i / 128), i < 128, as upstream's float32 table holds them.
+
+        The distill step size puts arguments near 8000 into cos/sin, where one ulp of a
+        frequency moves a feature by ~1e-4, enough to leave the parity tolerance of the
+        distilled fixtures. Upstream's table comes from PyTorch's CPU exp, which is MKL's
+        vsExp (high-accuracy mode): correctly rounded here except entries 12 and 106, one ulp
+        high (checked against MKL itself and against every fixture's recorded condition).
+        XLA's exp differs in 15 entries, so the table is built on the host.
+        """
         half = FREQ_DIM // 2
-        freqs = jnp.exp(f32(-math.log(10000)) * jnp.arange(half, dtype=f32) / f32(half))
-        args = t.astype(f32)[:, None] * freqs[None] * f32(1000)
+        exponent = np.float32(-math.log(10000)) * np.arange(half, dtype=np.float32) / np.float32(half)
+        table = np.exp(exponent.astype(np.float64)).astype(np.float32)
+        for i in MKL_EXP_ROUNDED_UP:
+            table[i] = np.nextafter(table[i], np.float32(np.inf))
+        return table
+
+    def __call__(self, t):
+        args = t.astype(f32)[:, None] * jnp.asarray(self.frequencies())[None] * f32(1000)
         feats = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
         # upstream rounds the features to params_dtype before its float32 MLP
         feats = feats.astype(self.params_dtype).astype(f32)
@@ -137,7 +154,8 @@ class DiTLayer(nnx.Module):
         y = norm(y.reshape(s, d)) + residual.astype(f32)
         return y.astype(out.dtype).astype(self.params_dtype)
 
-    def __call__(self, x, ctx: PassContext, cache: KVCache | None, layer):
+    def _row(self, x, cond, caption, caption_mask, ctx: PassContext, window):
+        """One guidance row: x (S, D) -> (x, k, v); `window` = cache keys shared by all rows."""
         pd = self.params_dtype
         s = x.shape[0]
         r = ctx.kv_range.shape[0]
@@ -152,28 +170,37 @@ class DiTLayer(nnx.Module):
 
         new_pos = ctx.new_start + jnp.arange(s, dtype=jnp.int32)
         keys, values, pos, ok = k, v, new_pos, jnp.ones((s,), bool)
-        if cache is not None and ctx.read_cache:
-            kw, vw, pw, okw = read_window(cache, layer, ctx.new_start, ctx.cache_window or cache.rows)
+        if window is not None:
+            kw, vw, pw, okw = window
             keys = jnp.concatenate([kw.astype(k.dtype), k])
             values = jnp.concatenate([vw.astype(v.dtype), v])
             pos, ok = jnp.concatenate([pw, new_pos]), jnp.concatenate([okw, ok])
-        if cache is not None and ctx.write_cache:
-            b = ctx.write_block
-            cache = write_rows(cache, layer, ctx.new_start, k[:b], v[:b], ctx.write_count)
         core = chunk_self_attention(q, keys, values, pos, ok, ctx.kv_range, s // r)
 
         xq = self.q_norm_x(self.qx(ln).reshape(s, h, dh))
-        xkv = self.kv_xattn(ctx.caption).reshape(*ctx.caption.shape[:2], g, 2, dh)
-        cross = chunk_cross_attention(xq, self.k_norm_x(xkv[..., 0, :]), xkv[..., 1, :], ctx.caption_mask, s // r)
+        xkv = self.kv_xattn(caption).reshape(*caption.shape[:2], g, 2, dh)
+        cross = chunk_cross_attention(xq, self.k_norm_x(xkv[..., 0, :]), xkv[..., 1, :], caption_mask, s // r)
 
         attn = jnp.concatenate([core.reshape(s, h * dh), cross.reshape(s, h * dh)], axis=-1)
-        gates = softcap(self.ada(jax.nn.silu(ctx.cond.astype(f32)).astype(pd)), GATE_CAP)
+        gates = softcap(self.ada(jax.nn.silu(cond.astype(f32)).astype(pd)), GATE_CAP)
         gate_attn, gate_mlp = jnp.split(gates, 2, axis=-1)
         x = self._gated_residual(self.proj(attn), x, gate_attn, self.attn_post_norm, r)
 
         hidden = self.fc1(self.mlp_norm(x))
         hidden = silu_and_mul(hidden) if self.glu else gelu(hidden)
         x = self._gated_residual(self.fc2(hidden), x, gate_mlp, self.mlp_post_norm, r)
+        return x, k, v
+
+    def __call__(self, x, ctx: PassContext, cache: KVCache | None, layer):
+        """x (B, S, D): B guidance rows over the same tokens (different captions / AdaLN
+        tokens), batched so they share one read of the cache window and one compiled body."""
+        window = None
+        if cache is not None and ctx.read_cache:
+            window = read_window(cache, layer, ctx.new_start, ctx.cache_window or cache.rows)
+        x, k, v = jax.vmap(lambda *a: self._row(*a, ctx, window))(x, ctx.cond, ctx.caption, ctx.caption_mask)
+        if cache is not None and ctx.write_row is not None:
+            b, row = ctx.write_block, ctx.write_row
+            cache = write_rows(cache, layer, ctx.new_start, k[row, :b], v[row, :b], ctx.write_count)
         return x, cache
 
 
@@ -222,15 +249,15 @@ class PassContext:
 
     sin: jax.Array  # (S, 3*nb) rope tables
     cos: jax.Array
-    cond: jax.Array  # (R, Dc) AdaLN condition per chunk
-    caption: jax.Array  # (R, L, Dx) projected caption tokens
-    caption_mask: jax.Array  # (R, L)
+    cond: jax.Array  # (B, R, Dc) AdaLN condition per guidance row and chunk
+    caption: jax.Array  # (B, R, L, Dx) projected caption tokens
+    caption_mask: jax.Array  # (B, R, L)
     kv_range: jax.Array  # (R, 2) int32
     new_start: jax.Array  # () int32
     write_count: jax.Array  # () int32
     write_block: int  # leading tokens that may be written (static: the near-clean copy never is)
     read_cache: bool
-    write_cache: bool
+    write_row: int | None  # the guidance row whose keys/values go to the cache (None: no write)
     cache_window: int | None
 
 
@@ -282,29 +309,31 @@ class DiT(nnx.Module):
         write_count=0,
         write_block: int | None = None,
         distill_dt=None,
-        drop_caption: bool = False,
+        drop_caption: tuple[bool, ...] = (False,),
         read_cache: bool = False,
-        write_cache: bool = False,
+        write_row: int | None = None,
         cache_window: int | None = None,
     ):
-        """One forward over R chunks. Returns (velocity (C, T, H, W) float32, cache).
+        """One forward over R chunks for B guidance rows. Returns (velocity, cache).
 
-        x (C, T, H, W) latent, any float dtype (the rescale happens in it, as upstream);
-        t (R,) flow time per chunk; caption (R, L, Cc), caption_mask (R, L);
+        x (C, T, H, W) latent shared by the rows, any float dtype (the rescale happens in it,
+        as upstream); t (R,) flow time per chunk;
+        caption (B, R, L, Cc), caption_mask (B, R, L): each row's caption per chunk;
+        drop_caption: per row, AdaLN from the dropped-caption token (null caption passes);
         kv_range (R, 2) global [start, end) of the keys each chunk sees;
         frame0, t_total (R,) rope time origin per chunk (see rope.py);
         new_start: global position of this pass's first token (= cache row it writes from);
-        write_count: how many of this pass's tokens to write to the cache;
-        write_block: static bound on write_count (default: all tokens of the pass);
-        distill_dt: the distilled model's step size (required iff the model is distilled);
-        drop_caption: AdaLN from the dropped-caption token (null caption passes);
-        read_cache / write_cache: use the cache below new_start / write to it;
-        cache_window: how many cache rows below new_start to look at (None: all).
+        read_cache: attend to cache rows below new_start (`cache_window` of them; None: all);
+        write_row: the row whose keys/values are written to the cache (None: no write);
+        write_count: how many tokens to write, write_block: its static bound (default: all);
+        distill_dt: the distilled model's step size (required iff the model is distilled).
+        Velocity: (B, C, T, H, W) float32.
         """
         cfg = self.cfg
         pd = cfg.dtype
         c, tt, hh, ww = x.shape
         r = t.shape[0]
+        b = len(drop_caption)
         x = (x.astype(f32) * f32(cfg.x_rescale_factor)).astype(x.dtype)
         if cfg.half_channel_vae:
             x = jnp.concatenate([x, x], axis=0)
@@ -312,12 +341,13 @@ class DiT(nnx.Module):
 
         p, pt = cfg.patch_size, cfg.t_patch_size
         sin, cos = rope_tables(self.rope_bands[...], frame0, t_total, tt // pt // r, hh // p, ww // p)
-        cond = self.t_embedder(t)
+        t_emb = self.t_embedder(t)
         if self.distill:
             if distill_dt is None:
                 raise ValueError("a distilled DiT needs distill_dt (the step size of the shortcut schedule)")
-            cond = cond + self.t_embedder(jnp.broadcast_to(jnp.asarray(distill_dt, f32), t.shape))
-        cond = (cond + self.y_embedder.adaln_token(drop_caption)[None]).astype(pd)
+            t_emb = t_emb + self.t_embedder(jnp.broadcast_to(jnp.asarray(distill_dt, f32), t.shape))
+        adaln = jnp.stack([self.y_embedder.adaln_token(drop) for drop in drop_caption])
+        cond = (t_emb[None] + adaln[:, None]).astype(pd)
 
         ctx = PassContext(
             sin=sin,
@@ -330,16 +360,16 @@ class DiT(nnx.Module):
             write_count=jnp.asarray(write_count, jnp.int32),
             write_block=tokens.shape[0] if write_block is None else write_block,
             read_cache=read_cache,
-            write_cache=write_cache,
+            write_row=write_row,
             cache_window=cache_window,
         )
-        h = tokens
+        h = jnp.broadcast_to(tokens[None], (b, *tokens.shape))
         for segment in self.segments:
             h, cache = segment(h, ctx, cache)
         out = self.final_linear(self.final_norm(h.astype(f32)))
-        out = self._unpatchify(out, tt, hh, ww)
+        out = jax.vmap(lambda o: self._unpatchify(o, tt, hh, ww))(out)
         if cfg.half_channel_vae:
-            out = out[: cfg.latent_channels]
+            out = out[:, : cfg.latent_channels]
         return out / f32(cfg.x_rescale_factor), cache
 
 

@@ -112,34 +112,37 @@ def guided_velocity(model: DiT, config: MagiConfig, shape: CallShape, inp: CallI
     cap, null = (inp.caption[:r], inp.caption_mask[:r]), (inp.caption[r:], inp.caption_mask[r:])
 
     if config.runtime.cfg_number == 3:
-        cond, _ = model(x, inp.t, *cap, inp.kv_range, **window, cache=cache, read_cache=True, **common)
+        # cond (caption) and cond_pre (null caption, writes the cache) share one batched pass
         skip_last = jnp.where(inp.near_clean, tokens, 0)
-        cond_pre, cache = model(
+        both, cache = model(
             x,
             inp.t,
-            *null,
+            jnp.stack([cap[0], null[0]]),
+            jnp.stack([cap[1], null[1]]),
             inp.kv_range,
             **window,
             cache=cache,
             read_cache=True,
-            write_cache=True,
+            write_row=1,
             write_count=jnp.where(writes, r * tokens - skip_last, 0),
-            drop_caption=True,
+            drop_caption=(False, True),
             **common,
         )
+        cond, cond_pre = both[0], both[1]
         d = r - int(shape.fwd_extra_1st_chunk)  # denoising chunks
         alone = jnp.stack([jnp.arange(d) * tokens, (jnp.arange(d) + 1) * tokens], axis=1)
         uncond, _ = model(
             x[:, (r - d) * width :],
             inp.t[r - d :],
-            inp.caption[2 * r - d :],
-            inp.caption_mask[2 * r - d :],
+            inp.caption[None, 2 * r - d :],
+            inp.caption_mask[None, 2 * r - d :],
             alone,
             frame0=jnp.zeros((d,), jnp.int32),
             t_total=jnp.full((d,), frames, jnp.int32),
             distill_dt=inp.distill_dt,
-            drop_caption=True,
+            drop_caption=(True,),
         )
+        uncond = uncond[0]
         p, s = _cfg_scales(inp.t[r - d :], config)
         per_chunk = lambda a: a.reshape(a.shape[0], d, width, *a.shape[2:])  # noqa: E731
         bc = lambda v: v[None, :, None, None, None]  # noqa: E731
@@ -167,17 +170,18 @@ def guided_velocity(model: DiT, config: MagiConfig, shape: CallShape, inp: CallI
         out, cache = model(
             xx,
             tt,
-            yy,
-            mm,
+            yy[None],
+            mm[None],
             kv,
             **rope,
             cache=cache,
             read_cache=True,
-            write_cache=True,
+            write_row=0,
             write_count=count,
             write_block=r * tokens,
             **common,
         )
+        out = out[0]
         pcs = config.runtime.prev_chunks_scale
         blended = out[:, sl] * f32(pcs) + out[:, r * width :] * f32(1 - pcs)
         out = out[:, : r * width].at[:, sl].set(blended)
@@ -186,15 +190,17 @@ def guided_velocity(model: DiT, config: MagiConfig, shape: CallShape, inp: CallI
         out, cache = model(
             x,
             inp.t,
-            *cap,
+            cap[0][None],
+            cap[1][None],
             inp.kv_range,
             **window,
             cache=cache,
             read_cache=True,
-            write_cache=True,
+            write_row=0,
             write_count=count,
             **common,
         )
+        out = out[0]
         denoise_width = width * r - width * first
     keep = max(0, x.shape[1] - denoise_width)
     return jnp.concatenate([x[:, :keep].astype(f32), out[:, keep:]], axis=1), cache

@@ -41,11 +41,11 @@ def _ranges(first, count, tokens):
 @jax.jit
 def _forward(state, graphdef_box, x, t, cap, mask, kv, frame0, t_total, cache, start, count):
     model = nnx.merge(graphdef_box.graphdef, state)
-    return model(
+    out, cache = model(
         x,
         t,
-        cap,
-        mask,
+        cap[None],
+        mask[None],
         kv,
         frame0,
         t_total,
@@ -53,8 +53,9 @@ def _forward(state, graphdef_box, x, t, cap, mask, kv, frame0, t_total, cache, s
         new_start=start,
         write_count=count,
         read_cache=True,
-        write_cache=True,
+        write_row=0,
     )
+    return out[0], cache
 
 
 @jax.tree_util.register_static

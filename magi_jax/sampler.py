@@ -1,0 +1,474 @@
+"""The chunk-pipelined sampler: MAGI-1's autoregressive flow-matching loop, jitted.
+
+The video is cut into chunks of `chunk_width` latent frames. Each chunk is denoised over
+`num_steps` flow-matching steps; the steps are grouped in stages of
+`num_steps / window_size`, and every stage a new chunk enters the window while the oldest
+leaves clean, so up to `window_size` chunks are in flight at different noise levels. At
+the first step of a stage the chunk that has just become clean is run once more at the
+clean time to write its keys and values into the KV cache (later chunks attend to it).
+With a prefix (I2V: one latent frame, V2V: whole and partial chunks) the whole prefix
+chunks are encoded into the cache first, and prefix frames are written back into the
+window before every forward.
+
+How it runs: everything about the schedule - which chunks are in the window, their flow
+times, key ranges, step sizes - is host-side numpy, computed once per run (`plan`). The
+device runs one jitted function per distinct window shape (chunks in the window, whether
+the extra clean chunk is present, and for distilled models whether the near-clean copy
+is appended): a `fori_loop` over that shape's steps of a stage, carrying the latent video
+and the KV cache. Ramp-up and ramp-down stages use smaller windows, not padded slots, so
+no forward is spent on empty chunks. Clean chunks are handed out between dispatches, the
+moment they leave the window.
+
+Shapes: C latent channels, T latent frames of the video, h x w latent size, R chunks in a
+window, L caption tokens, Cc caption channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from magi_jax import schedule
+from magi_jax.config import ConfigError, MagiConfig
+from magi_jax.dit import DiT
+from magi_jax.guidance import CallInputs, CallShape, guided_velocity
+from magi_jax.kv_cache import KVCache
+
+f32 = np.float32
+
+
+# ----------------------------------------------------------------------------- host plan
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes of one run, derived from the config and the prefix."""
+
+    chunk_num: int  # chunks of the whole latent video, prefix included
+    clean_chunks: int  # whole prefix chunks (encoded into the cache, never denoised)
+    prefix_frames: int  # latent frames of prefix (0 for T2V)
+    chunk_width: int
+    latent_shape: tuple  # (C, T, h, w)
+    chunk_tokens: int
+
+    @property
+    def frames(self) -> int:
+        return self.latent_shape[1]
+
+
+def layout(config: MagiConfig, prefix_frames: int = 0) -> Layout:
+    """The run's sizes, after checking the config can be split as the schedule requires.
+
+    Every error is raised here, before anything is compiled.
+    """
+    m, rt = config.model, config.runtime
+    problems = []
+    if rt.video_size_h % 16 or rt.video_size_w % 16:
+        h16 = max(16, round(rt.video_size_h / 16) * 16)
+        w16 = max(16, round(rt.video_size_w / 16) * 16)
+        problems.append(
+            f"video size {rt.video_size_h}x{rt.video_size_w} must be a multiple of 16 (VAE 8x, patch 2); "
+            f"use {h16}x{w16}"
+        )
+    if rt.window_size < 1 or rt.num_steps % rt.window_size:
+        problems.append(f"num_steps ({rt.num_steps}) must be a multiple of window_size ({rt.window_size})")
+    n2c = rt.noise2clean_kvrange
+    if n2c and rt.num_steps % len(n2c):
+        problems.append(f"num_steps ({rt.num_steps}) must be a multiple of len(noise2clean_kvrange) ({len(n2c)})")
+    generated = rt.num_frames // rt.temporal_downsample_factor
+    if generated < 1:
+        problems.append(
+            f"num_frames ({rt.num_frames}) gives no latent frame to generate; use at least "
+            f"{rt.temporal_downsample_factor}"
+        )
+    if rt.chunk_width % m.t_patch_size:
+        problems.append(f"chunk_width ({rt.chunk_width}) must be a multiple of t_patch_size ({m.t_patch_size})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    cw = rt.chunk_width
+    chunk_num = math.ceil((generated + prefix_frames) / cw)
+    h, w = rt.video_size_h // 8, rt.video_size_w // 8
+    tokens = cw // m.t_patch_size * (h // m.patch_size) * (w // m.patch_size)
+    return Layout(chunk_num, prefix_frames // cw, prefix_frames, cw, (m.latent_channels, chunk_num * cw, h, w), tokens)
+
+
+@dataclass(frozen=True)
+class WindowKey:
+    """The static shape of a group of steps: one compilation each."""
+
+    call: CallShape
+    slots: int  # rows of the per-step plan arrays (steps per stage)
+
+
+@dataclass
+class Group:
+    """Consecutive steps of one stage that share a window shape."""
+
+    key: WindowKey
+    first_chunk: int  # first denoising chunk of the stage
+    count: int
+    arrays: dict  # per-step arrays, padded to key.slots rows
+
+
+@dataclass
+class Stage:
+    groups: list
+    done_chunk: int | None  # chunk that leaves the window clean after this stage
+
+
+def _kv_ranges(config: MagiConfig, lay: Layout, slice_point: int, steps_of_chunks: list[int]) -> np.ndarray:
+    """Key range [start, end) (global tokens) of each window chunk at its denoise step."""
+    rt = config.runtime
+    n = rt.num_steps
+    out = []
+    for j, step in enumerate(steps_of_chunks):
+        end = slice_point + j + 1
+        if not rt.noise2clean_kvrange:
+            start = 0
+        else:
+            per = n // len(rt.noise2clean_kvrange)
+            clean = rt.clean_chunk_kvrange if rt.clean_chunk_kvrange != -1 else rt.noise2clean_kvrange[-1]
+            span = clean if step == n else rt.noise2clean_kvrange[step // per]
+            start = max(0, end - span)
+        out.append((start * lay.chunk_tokens, end * lay.chunk_tokens))
+    return np.array(out, np.int32)
+
+
+def prefix_kv_ranges(config: MagiConfig, lay: Layout) -> np.ndarray:
+    """Key ranges of the prefix-encoding call: each clean chunk sees its predecessors."""
+    rt = config.runtime
+    if rt.clean_chunk_kvrange != -1:
+        span = rt.clean_chunk_kvrange
+    elif rt.noise2clean_kvrange:
+        span = rt.noise2clean_kvrange[-1]
+    else:
+        span = 8
+    ends = np.arange(1, lay.clean_chunks + 1)
+    starts = np.maximum(ends - span, 0)
+    return (np.stack([starts, ends], 1) * lay.chunk_tokens).astype(np.int32)
+
+
+def cache_window_rows(config: MagiConfig, lay: Layout) -> int:
+    """Cache rows a window can see below its first chunk (bounds attention cost)."""
+    rt = config.runtime
+    if not rt.noise2clean_kvrange:
+        return lay.chunk_num * lay.chunk_tokens
+    widest = max(max(rt.noise2clean_kvrange), rt.clean_chunk_kvrange)
+    return max(1, widest - 1) * lay.chunk_tokens
+
+
+def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
+    """Every step of the run, grouped by window shape, as host arrays."""
+    rt, eng = config.runtime, config.engine
+    n, win, cw = rt.num_steps, rt.window_size, lay.chunk_width
+    per_stage = n // win
+    t_sched = schedule.init_t(n, eng.shortcut_mode)
+    intervals = schedule.init_interval(n, eng.shortcut_mode)
+    table = schedule.stage_table(lay.chunk_num, win, lay.clean_chunks)
+    distilled = rt.cfg_number == 1
+    window_rows = cache_window_rows(config, lay)
+    counts = np.zeros(lay.chunk_num, int)
+    stages = []
+    for stage in range(table.shape[1]):
+        cs, ce, ts, te = (int(v) for v in table[:, stage])
+        steps = []
+        for idx in range(per_stage):
+            extra = cs > lay.clean_chunks and idx == 0
+            denoise_steps = [j * per_stage + idx for j in range(ts, te)][::-1]
+            t = t_sched[denoise_steps]
+            t_next = t_sched[[s + 1 for s in denoise_steps]]
+            slice_point = cs - 1 if extra else cs
+            if extra:
+                t = np.concatenate([np.array([rt.clean_t], f32), t])
+                denoise_steps = [n, *denoise_steps]
+            kv = _kv_ranges(config, lay, slice_point, denoise_steps)
+            # prefix frames are written into the window; whole prefix chunks count as clean
+            prefix_start = slice_point * cw
+            if lay.prefix_frames > prefix_start:
+                t[: (lay.prefix_frames - prefix_start) // cw] = 1.0
+            near_clean = float(t[int(extra)]) > eng.distill_nearly_clean_chunk_threshold
+            steps.append(
+                dict(
+                    extra=extra,
+                    near_clean=near_clean,
+                    arrays=dict(
+                        t=t.astype(f32),
+                        kv_range=kv,
+                        slice_point=np.int32(slice_point),
+                        near_clean=np.bool_(near_clean),
+                        distill_dt=schedule.distill_dt(n, intervals[idx]),
+                        dt=(t_next - t_sched[[j * per_stage + idx for j in range(ts, te)][::-1]]).astype(f32),
+                    ),
+                )
+            )
+        groups = []
+        for s in steps:
+            call = CallShape(
+                chunks=ce - cs + int(s["extra"]),
+                fwd_extra_1st_chunk=s["extra"],
+                near_clean_copy=distilled and s["near_clean"],
+                cache_window=window_rows,
+            )
+            key = WindowKey(call, per_stage)
+            if groups and groups[-1][0] == key:
+                groups[-1][1].append(s["arrays"])
+            else:
+                groups.append((key, [s["arrays"]]))
+        stage_groups = []
+        for key, rows in groups:
+            stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+            pad = key.slots - len(rows)
+            stacked = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in stacked.items()}
+            stage_groups.append(Group(key, cs, len(rows), stacked))
+        counts[cs:ce] += per_stage
+        done = cs if counts[cs] == n else None
+        stages.append(Stage(stage_groups, done))
+    return stages
+
+
+# ----------------------------------------------------------------------------- device loop
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerState:
+    """What the loop carries: the whole latent video and the KV cache."""
+
+    x: jax.Array  # (C, T, h, w) float32
+    cache: KVCache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RunInputs:
+    """Constant inputs of a run."""
+
+    caption: jax.Array  # (2, chunks, L, Cc): caption rows, then null-caption rows
+    caption_mask: jax.Array  # (2, chunks, L)
+    prefix: jax.Array  # (C, T, h, w) float32 prefix frames (zeros past prefix_frames)
+    prefix_frames: jax.Array  # () int32
+
+
+def _window(x, start_frame, frames):
+    c, _, h, w = x.shape
+    return jax.lax.dynamic_slice(x, (0, start_frame, 0, 0), (c, frames, h, w))
+
+
+def _advance(
+    graphdef,
+    config: MagiConfig,
+    key: WindowKey,
+    params,
+    state: SamplerState,
+    run: RunInputs,
+    plan_rows,
+    first_chunk,
+    count,
+):
+    """Runs `count` steps of one stage with window shape `key` (a fori_loop over plan rows)."""
+    model = nnx.merge(graphdef, params)
+    call = key.call
+    r = call.chunks
+    extra = int(call.fwd_extra_1st_chunk)
+    cw = config.runtime.chunk_width
+    c, _, h, w = state.x.shape
+
+    def step(i, st: SamplerState):
+        row = jax.tree.map(lambda a: a[i], plan_rows)
+        start = row["slice_point"] * cw
+        xw = _window(st.x, start, r * cw)
+        frames = start + jnp.arange(r * cw)
+        xw = jnp.where((frames < run.prefix_frames)[None, :, None, None], _window(run.prefix, start, r * cw), xw)
+        den = r - extra
+        cap = jax.lax.dynamic_slice_in_dim(run.caption, first_chunk, den, axis=1)
+        msk = jax.lax.dynamic_slice_in_dim(run.caption_mask, first_chunk, den, axis=1)
+        if extra:  # the re-encoded clean chunk reads the null caption (chunk 0's, as upstream)
+            cap = jnp.concatenate([jnp.broadcast_to(run.caption[1:2, 0:1], (2, 1, *cap.shape[2:])), cap], axis=1)
+            msk = jnp.concatenate([jnp.broadcast_to(run.caption_mask[1:2, 1:2], (2, 1, msk.shape[2])), msk], axis=1)
+        inp = CallInputs(
+            x=xw,
+            t=row["t"],
+            caption=cap.reshape(2 * r, *cap.shape[2:]),
+            caption_mask=msk.reshape(2 * r, msk.shape[2]),
+            kv_range=row["kv_range"],
+            slice_point=row["slice_point"],
+            near_clean=row["near_clean"],
+            extract_prefix=jnp.bool_(False),
+            distill_dt=row["distill_dt"] if config.engine.distill else None,
+        )
+        v, cache = guided_velocity(model, config, call, inp, st.cache)
+        xw, v = xw[:, extra * cw :], v[:, extra * cw :]
+        dt = jnp.repeat(row["dt"], cw)[None, :, None, None]
+        x_new = (xw + v * dt).astype(st.x.dtype)
+        x = jax.lax.dynamic_update_slice(st.x, x_new, (0, first_chunk * cw, 0, 0))
+        return SamplerState(x, cache)
+
+    return jax.lax.fori_loop(0, count, step, state)
+
+
+def _encode_prefix(
+    graphdef,
+    config: MagiConfig,
+    call: CallShape,
+    params,
+    state: SamplerState,
+    prefix_chunks,
+    caption,
+    caption_mask,
+    kv_range,
+    distill_dt,
+):
+    """Writes the clean prefix chunks' keys and values into the cache (output discarded)."""
+    model = nnx.merge(graphdef, params)
+    r = call.chunks
+    inp = CallInputs(
+        x=prefix_chunks,
+        t=jnp.full((r,), config.runtime.clean_t, jnp.float32),
+        caption=caption,
+        caption_mask=caption_mask,
+        kv_range=kv_range,
+        slice_point=jnp.int32(0),
+        near_clean=jnp.bool_(False),
+        extract_prefix=jnp.bool_(True),
+        distill_dt=distill_dt if config.engine.distill else None,
+    )
+    _, cache = guided_velocity(model, config, call, inp, state.cache)
+    return SamplerState(state.x, cache)
+
+
+@jax.tree_util.register_static
+@dataclass(frozen=True)
+class _Static:
+    graphdef: object
+    config: MagiConfig
+    key: object
+
+
+class Sampler:
+    """Generates latent chunks with a DiT; compiled functions are reused across runs.
+
+    `sampler.compilations` counts how many window shapes were traced so far.
+    """
+
+    def __init__(self, model: DiT, config: MagiConfig):
+        self.config = config
+        self.graphdef, self.params = nnx.split(model)
+        self.compilations = 0
+        self._advance = jax.jit(self._traced_advance, donate_argnames=("state",))
+        self._prefix = jax.jit(self._traced_prefix, donate_argnames=("state",))
+
+    def _traced_advance(self, static: _Static, params, state, run, rows, first_chunk, count):
+        self.compilations += 1  # runs at trace time only
+        return _advance(static.graphdef, static.config, static.key, params, state, run, rows, first_chunk, count)
+
+    def _traced_prefix(self, static: _Static, params, state, *args):
+        self.compilations += 1
+        return _encode_prefix(static.graphdef, static.config, static.key, params, state, *args)
+
+    def layout(self, prefix_frames: int = 0) -> Layout:
+        return layout(self.config, prefix_frames)
+
+    def initial_noise(self, seed: int, lay: Layout) -> jax.Array:
+        """The whole video's noise in one draw (upstream's layout: one randn over (C, T, h, w))."""
+        return jax.random.normal(jax.random.key(seed), lay.latent_shape, jnp.float32)
+
+    def chunks(
+        self,
+        caption: np.ndarray,
+        caption_mask: np.ndarray,
+        *,
+        prefix: np.ndarray | None = None,
+        noise: np.ndarray | None = None,
+        seed: int | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Yields each clean chunk's latents (1, C, frames, h, w) as soon as it leaves the window.
+
+        caption, caption_mask: (2, chunk_num, L, Cc) / (2, chunk_num, L) - per chunk the
+        caption (row 0, null caption for clean prefix chunks) and the null caption (row 1),
+        as `text_inputs` prepares them. prefix: (C, frames, h, w) clean latents (I2V: one
+        frame, V2V: several), in the VAE's dtype. noise: (C, T, h, w) to replay a run; else
+        drawn from `seed` (the config's by default).
+        """
+        cfg = self.config
+        prefix_frames = 0 if prefix is None else int(prefix.shape[1])
+        lay = self.layout(prefix_frames)
+        c, t_all, h, w = lay.latent_shape
+        if prefix is not None:
+            if prefix.ndim != 4 or prefix.shape[0] != c or prefix.shape[2:] != (h, w):
+                raise ValueError(f"prefix latents have shape {tuple(prefix.shape)}, expected ({c}, frames, {h}, {w})")
+        expect = (2, lay.chunk_num)
+        if tuple(caption.shape[:2]) != expect or tuple(caption_mask.shape[:2]) != expect:
+            raise ValueError(
+                f"caption has shape {tuple(caption.shape)} / mask {tuple(caption_mask.shape)}; expected "
+                f"{expect} leading dims (caption and null caption for each of {lay.chunk_num} chunks)"
+            )
+        if noise is None:
+            noise = self.initial_noise(cfg.runtime.seed if seed is None else seed, lay)
+        elif tuple(noise.shape) != lay.latent_shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {lay.latent_shape}")
+        stages = plan(cfg, lay)
+
+        m = cfg.model
+        cache = KVCache.create(
+            m.num_layers, lay.chunk_num * lay.chunk_tokens, m.num_query_groups, m.kv_channels, m.dtype
+        )
+        state = SamplerState(jnp.asarray(noise, jnp.float32), cache)
+        prefix_f32 = np.zeros(lay.latent_shape, np.float32)
+        if prefix is not None:
+            prefix_f32[:, :prefix_frames] = np.asarray(prefix, np.float32)
+        run = RunInputs(
+            jnp.asarray(caption, jnp.float32),
+            jnp.asarray(caption_mask, jnp.float32),
+            jnp.asarray(prefix_f32),
+            jnp.int32(prefix_frames),
+        )
+
+        if lay.clean_chunks:
+            k = lay.clean_chunks
+            call = CallShape(chunks=k, fwd_extra_1st_chunk=False, near_clean_copy=False, cache_window=None)
+            null_cap = jnp.concatenate([run.caption[1, :k]] * 2)
+            null_mask = jnp.concatenate([run.caption_mask[1, :k]] * 2)
+            dt0 = schedule.distill_dt(
+                cfg.runtime.num_steps, schedule.init_interval(cfg.runtime.num_steps, cfg.engine.shortcut_mode)[0]
+            )
+            state = self._prefix(
+                _Static(self.graphdef, cfg, call),
+                self.params,
+                state,
+                jnp.asarray(prefix[:, : k * lay.chunk_width]),
+                null_cap,
+                null_mask,
+                prefix_kv_ranges(cfg, lay),
+                dt0,
+            )
+
+        for stage in stages:
+            for g in stage.groups:
+                state = self._advance(
+                    _Static(self.graphdef, cfg, g.key),
+                    self.params,
+                    state,
+                    run,
+                    g.arrays,
+                    np.int32(g.first_chunk),
+                    np.int32(g.count),
+                )
+            if stage.done_chunk is not None:
+                yield self._clean_chunk(state, lay, stage.done_chunk)
+
+    @staticmethod
+    def _clean_chunk(state: SamplerState, lay: Layout, chunk: int) -> np.ndarray:
+        """A finished chunk's frames; prefix frames are not handed out again, except that I2V
+        keeps its first chunk whole (the generated version of the conditioning frame)."""
+        cw = lay.chunk_width
+        start = max(chunk * cw, lay.prefix_frames)
+        if chunk == 0 and lay.prefix_frames == 1:
+            start = 0
+        return np.asarray(state.x[:, start : (chunk + 1) * cw])[None]
