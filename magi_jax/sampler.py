@@ -361,6 +361,7 @@ class Sampler:
         self.config = config
         self.graphdef, self.params = nnx.split(model)
         self.compilations = 0
+        self.steps_done = 0  # sampler steps dispatched in the current run
         self._advance = jax.jit(self._traced_advance, donate_argnames=("state",))
         self._prefix = jax.jit(self._traced_prefix, donate_argnames=("state",))
 
@@ -449,8 +450,10 @@ class Sampler:
                 dt0,
             )
 
+        self.steps_done = 0
         for stage in stages:
             for g in stage.groups:
+                self.steps_done += g.count
                 state = self._advance(
                     _Static(self.graphdef, cfg, g.key),
                     self.params,

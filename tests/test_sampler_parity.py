@@ -5,6 +5,7 @@ compares every yielded clean chunk with upstream's, at the fixture's tolerance.
 """
 
 import ml_dtypes
+import numpy as np
 import parity
 import pytest
 from dit_fixtures import config_of, model_of
@@ -46,3 +47,37 @@ def test_generate_run(fx, run):
     for i, got in enumerate(chunks):
         key = f"chunk_{i:02d}"
         parity.check_array(got, a[key], tol[f"runs/{run['name']}/{key}"], f"{fx.name}/{run['name']} {key}")
+
+
+@pytest.mark.parametrize("fx,run", parity.cases("dit", _runs))
+def test_run_plan_matches_recorded_calls(fx, run):
+    """Every model call upstream made in the run, in order: window, times, key ranges, flags."""
+    from dit_fixtures import kwarg_interval
+
+    from magi_jax.sampler import plan, prefix_kv_ranges
+    from magi_jax.schedule import distill_dt
+
+    cfg = run_config(fx, run)
+    lay = layout(cfg, run["prefix_latent_frames"])
+    calls = run["forward_dispatcher_calls"]
+    if lay.clean_chunks:  # the prefix-encoding call comes first
+        first = calls[0]
+        assert first["kwargs"]["extract_prefix_video_feature"]
+        assert first["kwargs"]["denoising_range_num"] == lay.clean_chunks
+        np.testing.assert_array_equal(prefix_kv_ranges(cfg, lay), first["kv_range"])
+        calls = calls[1:]
+    steps = [
+        (g.key.call, {k: v[i] for k, v in g.arrays.items()})
+        for s in plan(cfg, lay)
+        for g in s.groups
+        for i in range(g.count)
+    ]
+    assert len(steps) == len(calls)
+    for (call, row), rec in zip(steps, calls):
+        kw = rec["kwargs"]
+        assert call.chunks == kw["denoising_range_num"] and call.fwd_extra_1st_chunk == kw["fwd_extra_1st_chunk"]
+        assert int(row["slice_point"]) == kw["slice_point"]
+        assert bool(row["near_clean"]) == kw.get("distill_nearly_clean_chunk", False)
+        np.testing.assert_array_equal(row["t"], np.float32(rec["timestep"]))
+        np.testing.assert_array_equal(row["kv_range"], rec["kv_range"])
+        assert row["distill_dt"] == distill_dt(kw["num_steps"], kwarg_interval(kw))
