@@ -10,7 +10,9 @@ Sources understood by `open_checkpoint`:
   * a single `.safetensors` file (or `.safetensors.zst`);
   * a folder with `model.safetensors.index.json` (shards listed in its weight_map, each
     optionally `.zst`-compressed as upstream's release does);
-  * a folder holding exactly one `*.safetensors[.zst]` file.
+  * a folder holding exactly one `*.safetensors[.zst]` file;
+  * PyTorch `.bin` state dicts (a file, or a folder with `pytorch_model.bin.index.json`),
+    read without torch by torch_bin.py.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ _DTYPES = {
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 INDEX_NAME = "model.safetensors.index.json"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 
 
 class CheckpointError(ValueError):
@@ -153,9 +156,14 @@ class Checkpoint:
             if extra:
                 raise CheckpointError(f"{index_path}: shards hold tensors the index does not list: {extra[:5]}")
 
-    def _file(self, path: Path) -> SafetensorsFile:
+    def _file(self, path: Path):
         if path not in self._open:
-            self._open[path] = SafetensorsFile(path)
+            if path.name.endswith(".bin"):
+                from magi_jax.torch_bin import TorchBinFile
+
+                self._open[path] = TorchBinFile(path)
+            else:
+                self._open[path] = SafetensorsFile(path)
         return self._open[path]
 
     def keys(self) -> list[str]:
@@ -190,6 +198,10 @@ def _is_safetensors(p: Path) -> bool:
     return p.name.endswith(".safetensors") or p.name.endswith(".safetensors.zst")
 
 
+def _is_weights(p: Path) -> bool:
+    return _is_safetensors(p) or p.name.endswith(".bin")
+
+
 def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
     """Opens a safetensors file, a sharded folder with an index, or a folder with one file."""
     src = Path(src)
@@ -198,10 +210,12 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
             f"{src}: no such file or folder (expected a .safetensors file or a folder with {INDEX_NAME})"
         )
     if src.is_file():
-        if not _is_safetensors(src):
-            raise CheckpointError(f"{src}: not a .safetensors or .safetensors.zst file")
+        if not _is_weights(src):
+            raise CheckpointError(f"{src}: not a .safetensors, .safetensors.zst or torch .bin file")
         return Checkpoint([src])
     index = src / INDEX_NAME
+    if not index.exists() and (src / BIN_INDEX_NAME).exists():
+        index = src / BIN_INDEX_NAME
     if index.exists():
         with open(index) as f:
             weight_map = json.load(f).get("weight_map")
@@ -218,8 +232,11 @@ def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
         files = sorted(set(key_to_file.values()), key=lambda p: p.name)
         return Checkpoint(files, key_to_file, index)
     found = sorted(p for p in src.iterdir() if _is_safetensors(p))
+    found = found or sorted(p for p in src.iterdir() if p.name.endswith(".bin"))
     if len(found) != 1:
-        raise CheckpointError(f"{src}: expected {INDEX_NAME} or exactly one .safetensors file, found {len(found)}")
+        raise CheckpointError(
+            f"{src}: expected {INDEX_NAME} (or {BIN_INDEX_NAME}) or exactly one weights file, found {len(found)}"
+        )
     return Checkpoint(found)
 
 
