@@ -68,8 +68,20 @@ def summarize(flat: dict) -> dict:
     return {"parameters": count, "bytes": nbytes, "dtypes": dict(sorted(dtypes.items()))}
 
 
-def save(flat: dict, out: str | os.PathLike, model: str, config: dict, overwrite: bool = False) -> dict:
-    """Writes {path: numpy array} as a checkpoint folder; returns its summary."""
+def save(
+    flat: dict,
+    out: str | os.PathLike,
+    model: str,
+    config: dict,
+    overwrite: bool = False,
+    dtype: str | None = None,
+    files=(),
+) -> dict:
+    """Writes {path: numpy array} as a checkpoint folder; returns its summary.
+
+    `dtype` records the parameter dtype; `files` (e.g. a tokenizer's spiece.model) are copied
+    into the folder next to the arrays.
+    """
     out = Path(out).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -84,7 +96,12 @@ def save(flat: dict, out: str | os.PathLike, model: str, config: dict, overwrite
             ckptr.save(tmp / PARAMS, nest(flat))
             ckptr.wait_until_finished()
         summary = summarize(flat)
-        (tmp / META).write_text(json.dumps({"model": model, "config": config, "summary": summary}, indent=2) + "\n")
+        meta = {"model": model, "config": config, "summary": summary}
+        if dtype is not None:
+            meta["dtype"] = str(dtype)
+        for f in files:
+            shutil.copy2(f, tmp / Path(f).name)
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

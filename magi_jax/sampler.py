@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import jax
@@ -83,7 +83,16 @@ def layout(config: MagiConfig, prefix_frames: int = 0) -> Layout:
     if n2c and rt.num_steps % len(n2c):
         problems.append(f"num_steps ({rt.num_steps}) must be a multiple of len(noise2clean_kvrange) ({len(n2c)})")
     generated = rt.num_frames // rt.temporal_downsample_factor
-    if generated < 1:
+    if rt.num_frames % rt.temporal_downsample_factor:
+        tdf = rt.temporal_downsample_factor
+        lo, hi = rt.num_frames // tdf * tdf, -(-rt.num_frames // tdf) * tdf
+        problems.append(
+            f"num_frames ({rt.num_frames}) must be a multiple of {tdf} (the VAE's temporal factor); use "
+            f"{lo or hi} or {hi}"
+            if lo
+            else f"num_frames ({rt.num_frames}) must be a multiple of {tdf}; use {hi}"
+        )
+    elif generated < 1:
         problems.append(
             f"num_frames ({rt.num_frames}) gives no latent frame to generate; use at least "
             f"{rt.temporal_downsample_factor}"
@@ -271,8 +280,11 @@ def _advance(
     plan_rows,
     first_chunk,
     count,
+    on_step=None,
 ):
-    """Runs `count` steps of one stage with window shape `key` (a fori_loop over plan rows)."""
+    """Runs `count` steps of one stage with window shape `key` (a fori_loop over plan rows).
+
+    `on_step(i)` is called on the host after each step when given (progress bars)."""
     model = nnx.merge(graphdef, params)
     call = key.call
     r = call.chunks
@@ -308,6 +320,8 @@ def _advance(
         dt = jnp.repeat(row["dt"], cw)[None, :, None, None]
         x_new = (xw + v * dt).astype(st.x.dtype)
         x = jax.lax.dynamic_update_slice(st.x, x_new, (0, first_chunk * cw, 0, 0))
+        if on_step is not None:  # progress reporting (interactive runs only: it syncs with the host)
+            jax.debug.callback(on_step, i, ordered=True)
         return SamplerState(x, cache)
 
     return jax.lax.fori_loop(0, count, step, state)
@@ -349,6 +363,7 @@ class _Static:
     graphdef: object
     config: MagiConfig
     key: object
+    report_steps: bool = False
 
 
 class Sampler:
@@ -362,12 +377,20 @@ class Sampler:
         self.graphdef, self.params = nnx.split(model)
         self.compilations = 0
         self.steps_done = 0  # sampler steps dispatched in the current run
+        self.on_step: Callable[[], None] | None = None  # called after every step when set
         self._advance = jax.jit(self._traced_advance, donate_argnames=("state",))
         self._prefix = jax.jit(self._traced_prefix, donate_argnames=("state",))
 
     def _traced_advance(self, static: _Static, params, state, run, rows, first_chunk, count):
         self.compilations += 1  # runs at trace time only
-        return _advance(static.graphdef, static.config, static.key, params, state, run, rows, first_chunk, count)
+        on_step = self._step_done if static.report_steps else None
+        return _advance(
+            static.graphdef, static.config, static.key, params, state, run, rows, first_chunk, count, on_step
+        )
+
+    def _step_done(self, _):
+        if self.on_step is not None:
+            self.on_step()
 
     def _traced_prefix(self, static: _Static, params, state, *args):
         self.compilations += 1

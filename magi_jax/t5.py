@@ -352,7 +352,7 @@ def build_t5(cfg: T5Config, arrays: dict, dtype=jnp.float32) -> T5Encoder:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def _weights_source(folder: Path) -> Path:
+def weights_source(folder: Path) -> Path:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).exists():
             return folder
@@ -372,15 +372,16 @@ def load_text_encoder(path, dtype=jnp.float32, device=None) -> TextEncoder:
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path)
         cfg = T5Config(**meta["config"])
-        expected = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(abstract_t5(cfg, dtype)))}
+        stored = jnp.dtype(meta.get("dtype", "float32"))
+        expected = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(abstract_t5(cfg, stored)))}
         shardings = None
         if device is not None:
             shardings = {p: jax.sharding.SingleDeviceSharding(device) for p in expected}
-        arrays = checkpoint.restore(path, expected, "t5", shardings)
+        arrays = {p: a.astype(dtype) for p, a in checkpoint.restore(path, expected, "t5", shardings).items()}
         tokenizer = Tokenizer(path / "spiece.model")
     else:
         folder = hf_folder(path)
         cfg = load_config_json(folder)
-        arrays = convert_t5(_weights_source(folder), cfg, dtype)
+        arrays = convert_t5(weights_source(folder), cfg, dtype)
         tokenizer = Tokenizer(folder / "spiece.model")
     return TextEncoder(build_t5(cfg, arrays, dtype), tokenizer, device)

@@ -191,6 +191,11 @@ class VaeConfig:
         except VaeConfigError as e:
             raise VaeConfigError(f"{source}: {e}") from None
 
+    def to_json_dict(self) -> dict:
+        """Upstream's config.json layout (what `from_json_dict` reads)."""
+        dd = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "norm_eps"}
+        return {"_class_name": "ViTVAE", "ddconfig": dd, "model_type": "vit"}
+
     @classmethod
     def from_file(cls, path) -> VaeConfig:
         path = Path(path)

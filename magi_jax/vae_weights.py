@@ -109,7 +109,7 @@ def build_vae(cfg: VaeConfig, arrays: dict, dtype=jnp.bfloat16, attention_dtype=
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def _locate(path) -> tuple[Path, Path]:
+def find_vae_files(path) -> tuple[Path, Path]:
     """(config.json, weights) of a released VAE folder, or of a weights file and its folder."""
     path = Path(path)
     if path.is_dir():
@@ -134,12 +134,22 @@ def load_vae(
     scale_factor: float = SCALE_FACTOR,
     tiles: TileConfig | None = None,
 ) -> Vae:
-    """Loads upstream's VAE folder (config.json + diffusion_pytorch_model.safetensors).
+    """Loads upstream's VAE folder (config.json + diffusion_pytorch_model.safetensors), or a
+    magi-jax checkpoint of it (convert_torch_weights.py --model vae).
 
     `path` may also be the weights file itself (config.json read from its folder unless
     `config` is given). `dtype` bfloat16 is what upstream's pipeline runs.
     """
-    config_path, weights = _locate(path)
+    from magi_jax import checkpoint
+
+    if checkpoint.is_checkpoint(path):
+        meta = checkpoint.read_meta(path)
+        config = config or VaeConfig.from_json_dict(meta["config"], str(path))
+        stored = jnp.dtype(meta.get("dtype", "bfloat16"))
+        expected = _expected(abstract_vae(config, stored, attention_dtype))
+        arrays = {p: a.astype(dtype) for p, a in checkpoint.restore(path, expected, "vae").items()}
+        return Vae(build_vae(config, arrays, dtype, attention_dtype), scale_factor=scale_factor, tiles=tiles)
+    config_path, weights = find_vae_files(path)
     if config is None:
         if not config_path.exists():
             raise FileNotFoundError(f"{config_path}: the VAE's config.json is missing")

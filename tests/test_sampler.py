@@ -99,7 +99,8 @@ def test_prefix_layouts():
             r"multiple of len\(noise2clean_kvrange\) \(5\)",
         ),
         (dict(video_size_h=36), r"video size 36x32 must be a multiple of 16.*use 32x32"),
-        (dict(num_frames=3), r"num_frames \(3\) gives no latent frame"),
+        (dict(num_frames=3), r"num_frames \(3\) must be a multiple of 4; use 4"),
+        (dict(num_frames=30), r"num_frames \(30\) must be a multiple of 4 .*use 28 or 32"),
     ],
 )
 def test_bad_sizes_fail_before_compiling(runtime, message):

@@ -1,0 +1,192 @@
+"""The command users run: prompt (+ image or video) -> MAGI-1 video.
+
+    python -m magi_jax.generate --prompt "A red fox trots through snow" --output_path fox.mp4
+    python -m magi_jax.generate --config_file 4.5B_distill --mode i2v --image_path cat.jpg \
+        --prompt "The cat wakes up" --output_path cat.mp4
+
+Upstream's flags keep upstream's meaning (`--config_file`, `--mode`, `--prompt`,
+`--image_path`, `--prefix_video_path`, `--output_path`); ours override the config
+(`--seed`, `--num_steps`, `--num_frames`, `--size`, `--dtype`, checkpoint paths, ...).
+Without a config the TINY variant runs with random weights - a smoke test of the whole
+pipeline that produces noise, and says so.
+
+Data path: text encoder -> special tokens and per-chunk captions -> sampler (DiT + KV
+cache) -> each clean chunk decoded by the VAE and appended to the mp4 as soon as it
+leaves the window. Every input is checked before any model is loaded, and the mp4 is
+written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from magi_jax.config import ConfigError, MagiConfig, load_config
+
+MODES = ("t2v", "i2v", "v2v")
+DIT_ORBAX_SUFFIX = ".magi_jax"  # convert_torch_weights.py --out <upstream folder>.magi_jax
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message says what to change."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m magi_jax.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--config_file", default=None, help="upstream JSON config or variant name (default: tiny)")
+    ap.add_argument("--mode", default="t2v", help="t2v, i2v or v2v")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--image_path", default=None, help="conditioning image (i2v)")
+    ap.add_argument("--prefix_video_path", default=None, help="video to continue (v2v)")
+    ap.add_argument("--output_path", required=True, help="the .mp4 to write")
+    ours = ap.add_argument_group("magi-jax overrides")
+    ours.add_argument("--seed", type=int, default=None)
+    ours.add_argument("--num_steps", type=int, default=None)
+    ours.add_argument("--num_frames", type=int, default=None, help="frames to generate (after any prefix)")
+    ours.add_argument("--size", default=None, help="HEIGHTxWIDTH in pixels, multiples of 16 (e.g. 720x1280)")
+    ours.add_argument("--fps", type=int, default=None)
+    ours.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="DiT parameter dtype")
+    ours.add_argument("--dit_ckpt", default=None, help="DiT weights: magi-jax checkpoint or upstream folder")
+    ours.add_argument("--vae_ckpt", default=None, help="VAE folder (upstream layout)")
+    ours.add_argument("--t5_ckpt", default=None, help="T5 folder (upstream t5_pretrained layout)")
+    ours.add_argument(
+        "--prefix_frames",
+        type=int,
+        default=32,
+        help="v2v: prefix frames taken from the start of the video (upstream: 32); 0 = last whole seconds, up to 5",
+    )
+    ours.add_argument("--aspect_policy", default="fit", help="i2v image resize: fit, crop or pad")
+    return ap.parse_args(argv)
+
+
+@dataclass
+class Plan:
+    """Everything the run needs, resolved and checked before heavy work starts."""
+
+    config: MagiConfig
+    mode: str
+    prompt: str
+    output: Path
+    random_weights: bool
+    image: np.ndarray | None = None  # (1, H, W, 3) uint8, already resized
+    video: np.ndarray | None = None  # (T, H, W, 3) uint8, already resampled and cut
+    dit_source: Path | None = None
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"--size {text!r} is not HEIGHTxWIDTH (e.g. 720x1280)") from None
+    return h, w
+
+
+def resolve(args: argparse.Namespace) -> Plan:
+    """Checks every input; raises UsageError / ConfigError / MediaError with the fix."""
+    from magi_jax.sampler import layout
+    from magi_jax.video_io import ASPECT_POLICIES, check_output_path, read_image, read_video
+
+    if args.mode not in MODES:
+        raise UsageError(f"unknown --mode {args.mode!r}; use one of {', '.join(MODES)}")
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty; describe the video to generate")
+    output = check_output_path(args.output_path)
+    if args.aspect_policy not in ASPECT_POLICIES:
+        raise UsageError(f"unknown --aspect_policy {args.aspect_policy!r}; use one of {', '.join(ASPECT_POLICIES)}")
+    if args.mode == "i2v" and not args.image_path:
+        raise UsageError("--mode i2v needs --image_path (the image to animate)")
+    if args.mode == "v2v" and not args.prefix_video_path:
+        raise UsageError("--mode v2v needs --prefix_video_path (the video to continue)")
+
+    random_weights = args.config_file is None
+    config = load_config(args.config_file or "tiny").apply_env()
+    runtime = {}
+    if args.seed is not None:
+        runtime["seed"] = args.seed
+    if args.num_steps is not None:
+        runtime["num_steps"] = args.num_steps
+    if args.num_frames is not None:
+        runtime["num_frames"] = args.num_frames
+    if args.fps is not None:
+        runtime["fps"] = args.fps
+    if args.size is not None:
+        runtime["video_size_h"], runtime["video_size_w"] = _size(args.size)
+    for flag, field in (("dit_ckpt", "load"), ("vae_ckpt", "vae_pretrained"), ("t5_ckpt", "t5_pretrained")):
+        if getattr(args, flag):
+            runtime[field] = getattr(args, flag)
+            random_weights = False
+    model = {"params_dtype": args.dtype} if args.dtype else {}
+    config = config.replace(runtime=runtime, model=model)
+    rt = config.runtime
+    tdf = rt.temporal_downsample_factor
+    if args.prefix_frames < 0 or (args.prefix_frames % tdf and args.prefix_frames != 1):
+        lo = args.prefix_frames // tdf * tdf
+        raise UsageError(f"--prefix_frames {args.prefix_frames} must be 0, 1 or a multiple of {tdf}; use {lo or tdf}")
+    layout(config, 0)  # the schedule's divisibility rules, before anything is loaded
+    dit_source = None if random_weights else _dit_source(config)  # weights must exist
+    # media are read (and resized) now: an unreadable file fails before any model loads
+    image = video = None
+    if args.mode == "i2v":
+        image = read_image(args.image_path, rt.video_size_w, rt.video_size_h, args.aspect_policy)
+    if args.mode == "v2v":
+        video = read_video(args.prefix_video_path, rt.fps, rt.video_size_w, rt.video_size_h, args.prefix_frames or None)
+        if len(video) != 1:
+            video = video[: len(video) // tdf * tdf]  # the VAE encodes 1 frame or a multiple of 4
+        if not len(video):
+            raise UsageError(f"--prefix_video_path has fewer than {tdf} frames at {rt.fps} fps; use a longer video")
+        layout(config, 1 if len(video) == 1 else len(video) // tdf)
+    return Plan(config, args.mode, args.prompt, output, random_weights, image, video, dit_source)
+
+
+def _dit_source(config: MagiConfig) -> Path:
+    """Where the DiT weights are: a magi-jax checkpoint, or upstream's inference_weight folder."""
+    from magi_jax.checkpoint import is_checkpoint
+
+    if not config.runtime.load:
+        raise ConfigError("runtime_config.load is empty; pass --dit_ckpt or set load to the downloaded model folder")
+    root = Path(config.runtime.load)
+    if is_checkpoint(root):
+        return root
+    sub = (
+        "inference_weight" + (".fp8" if config.engine.fp8_quant else "") + (".distill" if config.engine.distill else "")
+    )
+    for candidate in (root.with_name(root.name + DIT_ORBAX_SUFFIX), root / (sub + DIT_ORBAX_SUFFIX), root / sub, root):
+        if is_checkpoint(candidate):
+            return candidate
+        if candidate.is_dir() and (
+            any(candidate.glob("*.safetensors*")) or (candidate / "model.safetensors.index.json").exists()
+        ):
+            return candidate
+    raise ConfigError(
+        f"no DiT weights under {root}: expected {root / sub}/model.safetensors (or its shards), as released, or a "
+        f"checkpoint written by convert_torch_weights.py; check --dit_ckpt / runtime_config.load"
+    )
+
+
+def main(argv=None) -> int:
+    from magi_jax.video_io import MediaError
+
+    args = parse_args(argv)
+    try:
+        plan = resolve(args)
+    except (UsageError, ConfigError, MediaError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from magi_jax.pipeline import run
+
+    try:
+        run(plan)
+    except (ConfigError, MediaError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

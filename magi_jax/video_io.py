@@ -1,0 +1,194 @@
+"""Media in and out: conditioning images and prefix videos in, the generated mp4 out.
+
+Reading runs the same ffmpeg filter graphs upstream runs (the ffmpeg binary that
+imageio-ffmpeg ships), so resized pixels match upstream's:
+  * image (I2V): one frame scaled to the video size with an aspect policy - `fit`
+    (stretch, upstream's default), `crop` (fill, then centre-crop) or `pad` (fit inside,
+    black borders);
+  * prefix video (V2V): resampled to the config's fps and scaled to the video size, then
+    cut: the first `prefix_frames` frames (upstream hard-codes 32), or with
+    `prefix_frames=None` the last whole seconds, at most `max_prefix_chunks` seconds, as
+    upstream's alternative rule does.
+Writing streams uint8 frames into an H.264 mp4 at the config's fps through a temporary file
+in the destination folder, renamed into place only when the video is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ASPECT_POLICIES = ("fit", "crop", "pad")
+
+
+class MediaError(ValueError):
+    """An input file that cannot be read, or an output path that cannot be written."""
+
+
+def _ffmpeg() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+@contextlib.contextmanager
+def _quiet_fork():
+    # JAX warns on any fork; starting ffmpeg forks and execs at once, which is safe
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called")
+        yield
+
+
+def _check_readable(path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise MediaError(f"{what} {p} does not exist (check the path)")
+    if not os.access(p, os.R_OK):
+        raise MediaError(f"{what} {p} is not readable (check its permissions)")
+    return p
+
+
+def _run_raw(args: list[str], what: str, path: Path, height: int, width: int) -> np.ndarray:
+    cmd = [
+        _ffmpeg(),
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-nostdin",
+        *args,
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "pipe:",
+    ]
+    with _quiet_fork():
+        proc = subprocess.run(cmd, capture_output=True)
+    frame = height * width * 3
+    if proc.returncode != 0 or not proc.stdout or len(proc.stdout) % frame:
+        detail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no frames decoded"]
+        raise MediaError(f"cannot read {what} {path}: {detail[0]}")
+    return np.frombuffer(proc.stdout, np.uint8).reshape(-1, height, width, 3)
+
+
+def scale_filter(width: int, height: int, policy: str) -> str:
+    if policy == "crop":
+        return f"scale={width}:{height}:force_original_aspect_ratio=increase,crop={width}:{height}"
+    if policy == "pad":
+        return (
+            f"scale={width}:{height}:force_original_aspect_ratio=decrease,"
+            f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2:color=black"
+        )
+    if policy == "fit":
+        return f"scale={width}:{height}"
+    raise MediaError(f"unknown aspect policy {policy!r}; use one of {', '.join(ASPECT_POLICIES)}")
+
+
+def read_image(path, width: int, height: int, policy: str = "fit") -> np.ndarray:
+    """One RGB frame (1, H, W, 3) uint8, resized to (height, width) with `policy`."""
+    p = _check_readable(path, "image")
+    vf = scale_filter(width, height, policy)
+    return _run_raw(["-i", str(p), "-vf", vf, "-frames:v", "1"], "image", p, height, width)[:1]
+
+
+def read_video(
+    path, fps: int, width: int, height: int, prefix_frames: int | None = 32, max_prefix_chunks: int = 5
+) -> np.ndarray:
+    """Prefix frames (T, H, W, 3) uint8 at `fps`, resized to (height, width) (upstream's cut)."""
+    p = _check_readable(path, "prefix video")
+    video = _run_raw(
+        ["-ss", "0", "-i", str(p), "-vf", f"fps={fps},scale={width}:{height}"], "prefix video", p, height, width
+    )
+    if prefix_frames is not None:
+        return video[:prefix_frames]
+    n = video.shape[0]
+    keep = 1 if n < fps else min(n // fps * fps, max_prefix_chunks * fps)
+    return video[-keep:]
+
+
+def check_output_path(path) -> Path:
+    """Fails early (before any model work) when the output cannot be written."""
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if not folder.is_dir():
+        raise MediaError(f"output folder {folder} does not exist; create it or choose another --output_path")
+    if not os.access(folder, os.W_OK):
+        raise MediaError(f"output folder {folder} is not writable; choose another --output_path")
+    if p.suffix.lower() != ".mp4":
+        raise MediaError(f"output {p} must end in .mp4")
+    return p
+
+
+class VideoWriter:
+    """Appends uint8 frames (T, H, W, 3) to an H.264 mp4; the file appears only on success.
+
+    with VideoWriter("out.mp4", fps=24) as w:
+        for frames in chunks:
+            w.write(frames)
+    """
+
+    def __init__(self, path, fps: int):
+        self.path = check_output_path(path)
+        self.fps = fps
+        self.frames = 0
+        self._writer = None
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".mp4", dir=self.path.parent or ".")
+        os.close(fd)
+        self._tmp = Path(tmp)
+
+    def write(self, frames: np.ndarray):
+        frames = np.asarray(frames)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}")
+        if self._writer is None:
+            import imageio_ffmpeg
+
+            h, w = frames.shape[1:3]
+            self._writer = imageio_ffmpeg.write_frames(
+                str(self._tmp),
+                (w, h),
+                fps=self.fps,
+                codec="libx264",
+                pix_fmt_out="yuv420p",
+                macro_block_size=1,
+                ffmpeg_log_level="error",
+            )
+            with _quiet_fork():
+                self._writer.send(None)
+        for f in frames:
+            self._writer.send(np.ascontiguousarray(f))
+        self.frames += len(frames)
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self.frames == 0:
+            self.abort()
+            raise MediaError(f"no frames were written to {self.path}")
+        os.replace(self._tmp, self.path)
+
+    def abort(self):
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+            self._writer = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
