@@ -38,6 +38,7 @@ from magi_jax.config import ModelConfig
 from magi_jax.kv_cache import KVCache, read_window, write_rows
 from magi_jax.layers import LayerNorm, Linear, gelu, linear, param, silu_and_mul, softcap
 from magi_jax.rope import apply_rope, rope_tables
+from magi_jax.sharding import constrain
 
 f32 = jnp.float32
 FREQ_DIM = 256  # sinusoidal timestep features
@@ -228,7 +229,7 @@ class LayerStack(nnx.Module):
             h, c = carry
             layer_state, index = xs
             h, c = nnx.merge(graphdef, layer_state)(h, ctx, c, index)
-            return (h, c), None
+            return (constrain(h, (None, "tokens", "embed")), c), None
 
         index = self.first + jnp.arange(self.count, dtype=jnp.int32)
         (x, cache), _ = jax.lax.scan(body, (x, cache), (state, index))
@@ -363,7 +364,7 @@ class DiT(nnx.Module):
             write_row=write_row,
             cache_window=cache_window,
         )
-        h = jnp.broadcast_to(tokens[None], (b, *tokens.shape))
+        h = constrain(jnp.broadcast_to(tokens[None], (b, *tokens.shape)), (None, "tokens", "embed"))
         for segment in self.segments:
             h, cache = segment(h, ctx, cache)
         out = self.final_linear(self.final_norm(h.astype(f32)))

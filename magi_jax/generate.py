@@ -62,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="v2v: prefix frames taken from the start of the video (upstream: 32); 0 = last whole seconds, up to 5",
     )
     ours.add_argument("--aspect_policy", default="fit", help="i2v image resize: fit, crop or pad")
+    ours.add_argument(
+        "--mesh",
+        default=None,
+        help="device mesh: 'model=2,seq=4' or '2x4' (model x seq); default: all devices on the sequence axis",
+    )
     return ap.parse_args(argv)
 
 
@@ -77,6 +82,7 @@ class Plan:
     image: np.ndarray | None = None  # (1, H, W, 3) uint8, already resized
     video: np.ndarray | None = None  # (T, H, W, 3) uint8, already resampled and cut
     dit_source: Path | None = None
+    mesh: dict | None = None  # {axis: size} when more than one device takes part
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -129,7 +135,12 @@ def resolve(args: argparse.Namespace) -> Plan:
         lo = args.prefix_frames // tdf * tdf
         raise UsageError(f"--prefix_frames {args.prefix_frames} must be 0, 1 or a multiple of {tdf}; use {lo or tdf}")
     layout(config, 0)  # the schedule's divisibility rules, before anything is loaded
-    dit_source = None if random_weights else _dit_source(config)  # weights must exist
+    import jax
+
+    from magi_jax import sharding
+    from magi_jax.memory_plan import check_fits, plan_memory
+
+    mesh = sharding.parse_mesh(args.mesh) if (args.mesh or jax.device_count() > 1) else None
     # media are read (and resized) now: an unreadable file fails before any model loads
     image = video = None
     if args.mode == "i2v":
@@ -141,7 +152,10 @@ def resolve(args: argparse.Namespace) -> Plan:
         if not len(video):
             raise UsageError(f"--prefix_video_path has fewer than {tdf} frames at {rt.fps} fps; use a longer video")
         layout(config, 1 if len(video) == 1 else len(video) // tdf)
-    return Plan(config, args.mode, args.prompt, output, random_weights, image, video, dit_source)
+    prefix = 1 if image is not None else 0 if video is None else (1 if len(video) == 1 else len(video) // tdf)
+    check_fits(plan_memory(config, mesh, prefix))  # refuse, with the numbers, what cannot fit a device
+    dit_source = None if random_weights else _dit_source(config)  # weights must exist
+    return Plan(config, args.mode, args.prompt, output, random_weights, image, video, dit_source, mesh)
 
 
 def _dit_source(config: MagiConfig) -> Path:
@@ -170,12 +184,15 @@ def _dit_source(config: MagiConfig) -> Path:
 
 
 def main(argv=None) -> int:
+    from magi_jax.memory_plan import MemoryPlanError
+    from magi_jax.sharding import MeshError, maybe_initialize_distributed
     from magi_jax.video_io import MediaError
 
     args = parse_args(argv)
+    maybe_initialize_distributed()  # on a pod: every host runs this same command
     try:
         plan = resolve(args)
-    except (UsageError, ConfigError, MediaError) as e:
+    except (UsageError, ConfigError, MediaError, MeshError, MemoryPlanError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from magi_jax.pipeline import run

@@ -13,6 +13,7 @@ the TINY variant runs with random weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -92,6 +93,7 @@ def run(plan) -> dict:
     """Generates plan.output; returns a summary (frames, seconds, ...)."""
     from tqdm import tqdm
 
+    from magi_jax import sharding
     from magi_jax.sampler import Sampler
     from magi_jax.special_tokens import sampler_captions, token_table
     from magi_jax.video_io import VideoWriter
@@ -114,7 +116,11 @@ def run(plan) -> dict:
     vae = vae_model(cfg, plan.random_weights)
     prefix = prefix_latents(plan, vae)
 
-    sampler = Sampler(dit, cfg)
+    mesh = None
+    if plan.mesh is not None:
+        mesh = sharding.make_mesh(",".join(f"{k}={v}" for k, v in plan.mesh.items()))
+        _log(f"      sharding over {dict(mesh.shape)}")
+    sampler = Sampler(dit, cfg, mesh=mesh)
     lay = sampler.layout(0 if prefix is None else prefix.shape[1])
     null = np.asarray(dit.y_embedder.null_caption[...], np.float32)[None]
     table = token_table(channels=m.caption_channels)
@@ -125,18 +131,19 @@ def run(plan) -> dict:
     chunks = lay.chunk_num - lay.clean_chunks
     _log(f"[3/4] sampling {chunks} chunks of {lay.chunk_width} latent frames, {cfg.runtime.num_steps} steps each")
     frames = 0
-    interactive = sys.stderr.isatty()
-    with (
-        VideoWriter(plan.output, cfg.runtime.fps) as writer,
-        tqdm(total=chunks, desc="chunks", unit="chunk", file=sys.stderr, disable=None) as bar,
-    ):
+    writer_here = sharding.is_writer()  # on a pod every host samples its shards; process 0 writes
+    interactive = sys.stderr.isatty() and writer_here
+    output = VideoWriter(plan.output, cfg.runtime.fps) if writer_here else contextlib.nullcontext()
+    bars = tqdm(total=chunks, desc="chunks", unit="chunk", file=sys.stderr, disable=None if writer_here else True)
+    with output as writer, bars as bar:
         steps = tqdm(desc="steps", unit="step", file=sys.stderr, leave=False) if interactive else None
         if steps is not None:
             sampler.on_step = lambda: steps.update(1)
         for latents in sampler.chunks(y, y_mask, prefix=prefix):
-            video = vae.decode_latents(latents[0])
-            writer.write(video)
-            frames += len(video)
+            if writer is not None:
+                video = vae.decode_latents(latents[0])
+                writer.write(video)
+                frames += len(video)
             bar.update(1)
         if steps is not None:
             steps.close()

@@ -25,6 +25,7 @@ window, L caption tokens, Cc caption channels.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax import schedule
+from magi_jax import schedule, sharding
 from magi_jax.config import ConfigError, MagiConfig
 from magi_jax.dit import DiT
 from magi_jax.guidance import CallInputs, CallShape, guided_velocity
@@ -372,8 +373,13 @@ class Sampler:
     `sampler.compilations` counts how many window shapes were traced so far.
     """
 
-    def __init__(self, model: DiT, config: MagiConfig):
+    def __init__(self, model: DiT, config: MagiConfig, mesh=None):
+        """`mesh` (sharding.make_mesh): parameters, the KV cache and the window's tokens are
+        sharded by sharding.RULES; None runs on the default device."""
         self.config = config
+        self.mesh = mesh
+        if mesh is not None:
+            model = sharding.place(model, mesh)
         self.graphdef, self.params = nnx.split(model)
         self.compilations = 0
         self.steps_done = 0  # sampler steps dispatched in the current run
@@ -443,6 +449,9 @@ class Sampler:
         cache = KVCache.create(
             m.num_layers, lay.chunk_num * lay.chunk_tokens, m.num_query_groups, m.kv_channels, m.dtype
         )
+        if self.mesh is not None:
+            where = sharding.array_sharding(KVCache.AXES, cache.k.shape, self.mesh)
+            cache = KVCache(jax.device_put(cache.k, where), jax.device_put(cache.v, where))
         state = SamplerState(jnp.asarray(noise, jnp.float32), cache)
         prefix_f32 = np.zeros(lay.latent_shape, np.float32)
         if prefix is not None:
@@ -454,40 +463,46 @@ class Sampler:
             jnp.int32(prefix_frames),
         )
 
-        if lay.clean_chunks:
-            k = lay.clean_chunks
-            call = CallShape(chunks=k, fwd_extra_1st_chunk=False, near_clean_copy=False, cache_window=None)
-            null_cap = jnp.concatenate([run.caption[1, :k]] * 2)
-            null_mask = jnp.concatenate([run.caption_mask[1, :k]] * 2)
-            dt0 = schedule.distill_dt(
-                cfg.runtime.num_steps, schedule.init_interval(cfg.runtime.num_steps, cfg.engine.shortcut_mode)[0]
-            )
-            state = self._prefix(
-                _Static(self.graphdef, cfg, call),
-                self.params,
-                state,
-                jnp.asarray(prefix[:, : k * lay.chunk_width]),
-                null_cap,
-                null_mask,
-                prefix_kv_ranges(cfg, lay),
-                dt0,
-            )
+        with self._mesh_context():
+            if lay.clean_chunks:
+                k = lay.clean_chunks
+                call = CallShape(chunks=k, fwd_extra_1st_chunk=False, near_clean_copy=False, cache_window=None)
+                null_cap = jnp.concatenate([run.caption[1, :k]] * 2)
+                null_mask = jnp.concatenate([run.caption_mask[1, :k]] * 2)
+                rt = cfg.runtime
+                dt0 = schedule.distill_dt(
+                    rt.num_steps, schedule.init_interval(rt.num_steps, cfg.engine.shortcut_mode)[0]
+                )
+                state = self._prefix(
+                    _Static(self.graphdef, cfg, call),
+                    self.params,
+                    state,
+                    jnp.asarray(prefix[:, : k * lay.chunk_width]),
+                    null_cap,
+                    null_mask,
+                    prefix_kv_ranges(cfg, lay),
+                    dt0,
+                )
 
         self.steps_done = 0
         for stage in stages:
-            for g in stage.groups:
-                self.steps_done += g.count
-                state = self._advance(
-                    _Static(self.graphdef, cfg, g.key),
-                    self.params,
-                    state,
-                    run,
-                    g.arrays,
-                    np.int32(g.first_chunk),
-                    np.int32(g.count),
-                )
+            with self._mesh_context():
+                for g in stage.groups:
+                    self.steps_done += g.count
+                    state = self._advance(
+                        _Static(self.graphdef, cfg, g.key, self.on_step is not None),
+                        self.params,
+                        state,
+                        run,
+                        g.arrays,
+                        np.int32(g.first_chunk),
+                        np.int32(g.count),
+                    )
             if stage.done_chunk is not None:
                 yield self._clean_chunk(state, lay, stage.done_chunk)
+
+    def _mesh_context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @staticmethod
     def _clean_chunk(state: SamplerState, lay: Layout, chunk: int) -> np.ndarray:
@@ -497,4 +512,7 @@ class Sampler:
         start = max(chunk * cw, lay.prefix_frames)
         if chunk == 0 and lay.prefix_frames == 1:
             start = 0
-        return np.asarray(state.x[:, start : (chunk + 1) * cw])[None]
+        x = state.x
+        if not x.is_fully_addressable:  # multi-host: the latents are replicated, read this host's copy
+            x = x.addressable_data(0)
+        return np.asarray(x[:, start : (chunk + 1) * cw])[None]

@@ -54,3 +54,69 @@ def test_chunks_see_only_their_key_ranges():
         vis = (np.arange(n * r) >= lo) & (np.arange(n * r) < hi)
         want = _dense(q[c * n : (c + 1) * n], k, v, jnp.asarray(vis))
         np.testing.assert_allclose(out[c * n : (c + 1) * n], want, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- implementations
+
+from magi_jax import attention  # noqa: E402
+from magi_jax.attention import available_implementations, chunk_cross_attention, implementation  # noqa: E402
+
+
+def _sampler_like(dtype, seed=0):
+    """Keys as a forward sees them: a cache window (its last rows unwritten) then the new keys;
+    each chunk's range as the sampler's noise-dependent kv ranges make them (one sees nothing)."""
+    rng = np.random.default_rng(seed)
+    n, r, window, h, g, d = 8, 3, 16, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((r * n, h, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((window + r * n, g, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((window + r * n, g, d)), dtype)
+    new_start = 12  # rows 12..15 of the window were never written
+    pos = jnp.concatenate([jnp.arange(window), new_start + jnp.arange(r * n)]).astype(jnp.int32)
+    ok = jnp.concatenate([jnp.arange(window) < new_start, jnp.ones(r * n, bool)])
+    ranges = jnp.array([[4, 20], [0, 28], [40, 40]], jnp.int32)
+    return q, k, v, pos, ok, ranges, n
+
+
+@pytest.mark.parametrize("impl", available_implementations())
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_every_available_implementation_matches_the_reference(impl, dtype):
+    q, k, v, pos, ok, ranges, n = _sampler_like(dtype)
+    if dtype == jnp.float32 and impl in ("cudnn", "pallas"):
+        pytest.skip("fused kernels take 16-bit inputs; float32 uses the reference")
+    ref = np.asarray(chunk_self_attention(q, k, v, pos, ok, ranges, n, impl="xla"), np.float32)
+    got = np.asarray(chunk_self_attention(q, k, v, pos, ok, ranges, n, impl=impl), np.float32)
+    tol = 2e-6 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(got, ref, atol=tol)
+    assert np.all(got[2 * n :] == 0), "a chunk with no visible key gets zeros"
+
+    cap_k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 10, 2, 8)), dtype)
+    cap_v = jnp.asarray(np.random.default_rng(2).standard_normal((3, 10, 2, 8)), dtype)
+    cap_mask = jnp.asarray(np.arange(10)[None] < np.array([[7], [10], [0]]))  # prefixes, one empty
+    ref = np.asarray(chunk_cross_attention(q, cap_k, cap_v, cap_mask, n, impl="xla"), np.float32)
+    got = np.asarray(chunk_cross_attention(q, cap_k, cap_v, cap_mask, n, impl=impl), np.float32)
+    np.testing.assert_allclose(got, ref, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, env, want",
+    [
+        ("cpu", jnp.bfloat16, None, "xla"),
+        ("gpu", jnp.bfloat16, None, "cudnn"),
+        ("gpu", jnp.float32, None, "xla"),
+        ("tpu", jnp.bfloat16, None, "pallas"),
+        ("cpu", jnp.bfloat16, "dpa", "dpa"),
+    ],
+)
+def test_implementation_follows_the_backend(monkeypatch, backend, dtype, env, want):
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: backend)
+    if env:
+        monkeypatch.setenv("MAGI_ATTENTION", env)
+    else:
+        monkeypatch.delenv("MAGI_ATTENTION", raising=False)
+    assert implementation(dtype) == want
+
+
+def test_unknown_implementation_is_refused(monkeypatch):
+    monkeypatch.setenv("MAGI_ATTENTION", "fastest")
+    with pytest.raises(ValueError, match="MAGI_ATTENTION='fastest'"):
+        implementation()

@@ -145,7 +145,9 @@ BAD = [
     (lambda t, m: ["--num_steps", "10"], "num_steps (10) must be a multiple of window_size (4)"),
     (lambda t, m: ["--output_path", str(t / "no" / "dir" / "x.mp4")], "does not exist"),
     (lambda t, m: ["--output_path", str(t / "x.avi")], "must end in .mp4"),
-    (lambda t, m: ["--config_file", "4.5B_distill"], "no DiT weights"),
+    (lambda t, m: ["--config_file", "4.5B_distill", "--size", "256x256", "--num_frames", "24"], "no DiT weights"),
+    (lambda t, m: ["--mesh", "2x4"], "mesh '2x4' needs 8 devices, 1 are present"),
+    (lambda t, m: ["--config_file", "24B_base", "--num_frames", "960"], "but a device holds"),
 ]
 
 

@@ -1,0 +1,172 @@
+"""Device meshes and where every array lives on them: one table, from a laptop to a pod.
+
+Mesh axes:
+  data   independent videos (replicas): parameters and one video's state are replicated
+  model  tensor parallelism: attention heads and MLP width of every weight
+  seq    context parallelism: the tokens of a window and the rows of the KV cache
+
+Parameters carry logical axis names (`out_sharding` metadata on every nnx.Param), and so do
+the KV cache (`KVCache.AXES`) and the DiT's token activations (`constrain`). `RULES` maps
+each logical name to a mesh axis, or to None (replicated). A dimension the mesh axis does
+not divide is replicated instead - 8 key/value heads on a 16-way model axis, a tiny test
+model's odd sizes - so any mesh runs any config. Within one spec a mesh axis is used once.
+
+Parameters are placed as they are created or restored: `shardings(abstract_module, mesh)`
+gives the target layout from shapes alone, and checkpoint.restore reads straight into it.
+The axes are `Auto`: XLA's partitioner inserts the collectives, so the sharded program is
+the single-device one, numerically equal up to reduction order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "model", "seq")
+
+RULES: dict[str, str | None] = {
+    # DiT
+    "layers": None,
+    "embed": None,
+    "cond": None,
+    "patch": None,
+    "caption": None,
+    "caption_len": None,
+    "head_dim": None,
+    "q_heads": "model",
+    "kv_heads": "model",
+    "mlp": "model",
+    # activations and the KV cache
+    "tokens": "seq",
+    "kv_seq": "seq",
+    # T5
+    "t5_vocab": None,
+    "t5_embed": None,
+    "t5_heads": "model",
+    "t5_mlp": "model",
+    # VAE (small next to the DiT; its tiles run one at a time)
+    "vae_embed": None,
+    "vae_qkv": None,
+    "vae_heads": None,
+    "vae_mlp": None,
+    "vae_patch": None,
+    "vae_latent": None,
+}
+
+
+class MeshError(ValueError):
+    """A mesh description that does not fit the devices."""
+
+
+def parse_mesh(text: str | None, devices: int | None = None) -> dict[str, int]:
+    """'model=2,seq=4' (missing axes are 1) or 'MxS' (model x seq) -> {axis: size}.
+
+    With no text, all devices go to the sequence axis (context parallelism needs no
+    divisibility of weights and scales with video length)."""
+    devices = devices or jax.device_count()
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    if not text:
+        sizes["seq"] = devices
+        return sizes
+    try:
+        if "=" in text:
+            for part in text.split(","):
+                name, value = part.split("=")
+                if name.strip() not in sizes:
+                    raise MeshError(f"unknown mesh axis {name.strip()!r}; axes are {', '.join(MESH_AXES)}")
+                sizes[name.strip()] = int(value)
+        else:
+            model, seq = (int(v) for v in text.lower().split("x"))
+            sizes.update(model=model, seq=seq)
+    except ValueError as e:
+        if isinstance(e, MeshError):
+            raise
+        raise MeshError(f"mesh {text!r}: write 'model=2,seq=4' or '2x4' (model x seq)") from None
+    if int(np.prod(list(sizes.values()))) != devices:
+        raise MeshError(f"mesh {text!r} needs {int(np.prod(list(sizes.values())))} devices, {devices} are present")
+    return sizes
+
+
+def make_mesh(text: str | None = None, devices=None) -> jax.sharding.Mesh:
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = parse_mesh(text, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def spec(logical: tuple, shape: tuple, mesh, rules=RULES) -> P:
+    """The PartitionSpec for an array with these logical axis names and shape on `mesh`."""
+    out, used = [], set()
+    for name, size in zip(logical, shape):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no entry in sharding.RULES")
+        axis = rules.get(name) if name is not None else None
+        n = mesh.shape[axis] if axis is not None else 1
+        if axis is None or n == 1 or axis in used or size % n:
+            out.append(None)
+        else:
+            out.append(axis)
+            used.add(axis)
+    return P(*out)
+
+
+def shardings(module_or_state, mesh, rules=RULES) -> dict[tuple, NamedSharding]:
+    """{param path: NamedSharding} from each parameter's logical names (shapes only needed)."""
+    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state)
+    out = {}
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        names = var.get_metadata().get("out_sharding") or (None,) * len(value.shape)
+        out[path] = NamedSharding(mesh, spec(tuple(names), value.shape, mesh, rules))
+    return out
+
+
+def place(module, mesh, rules=RULES):
+    """Moves a built module's parameters into their shardings (in place); returns the module."""
+    state = nnx.state(module)
+    target = shardings(state, mesh, rules)
+    flat = [(p, v.replace(value=jax.device_put(v.get_value(), target[p]))) for p, v in nnx.to_flat_state(state)]
+    nnx.update(module, nnx.from_flat_state(flat))
+    return module
+
+
+def array_sharding(logical: tuple, shape: tuple, mesh, rules=RULES) -> NamedSharding:
+    return NamedSharding(mesh, spec(logical, shape, mesh, rules))
+
+
+def constrain(x, logical: tuple, rules=RULES):
+    """Hints the layout of an activation inside jit when a mesh is active; no-op otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec(logical, x.shape, mesh, rules))
+
+
+# ----------------------------------------------------------------------------- multi-host
+
+DISTRIBUTED_ENV = "MAGI_DISTRIBUTED"
+
+
+def maybe_initialize_distributed() -> bool:
+    """Joins the other hosts of a pod (`jax.distributed.initialize`) when launched as one.
+
+    On by `MAGI_DISTRIBUTED=1` (launch_tpu.sh sets it), or on a multi-host TPU slice
+    (TPU_WORKER_HOSTNAMES lists more than one host). Returns whether it initialised.
+    """
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    wanted = os.environ.get(DISTRIBUTED_ENV, "").lower() in {"1", "true", "yes"} or len(hosts) > 1
+    if wanted and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def is_writer() -> bool:
+    """Only process 0 writes outputs; the others compute their shards and wait."""
+    return jax.process_index() == 0
