@@ -325,7 +325,10 @@ def _advance(
             jax.debug.callback(on_step, i, ordered=True)
         return SamplerState(x, cache)
 
-    return jax.lax.fori_loop(0, count, step, state)
+    state = jax.lax.fori_loop(0, count, step, state)
+    # keep the cache where the rules put it (rows over `seq`, kv heads over `model`)
+    cache = KVCache(sharding.constrain(state.cache.k, KVCache.AXES), sharding.constrain(state.cache.v, KVCache.AXES))
+    return SamplerState(state.x, cache)
 
 
 def _encode_prefix(
@@ -384,6 +387,7 @@ class Sampler:
         self.compilations = 0
         self.steps_done = 0  # sampler steps dispatched in the current run
         self.on_step: Callable[[], None] | None = None  # called after every step when set
+        self.cache_sharding = None
         self._advance = jax.jit(self._traced_advance, donate_argnames=("state",))
         self._prefix = jax.jit(self._traced_prefix, donate_argnames=("state",))
 
@@ -498,6 +502,7 @@ class Sampler:
                         np.int32(g.first_chunk),
                         np.int32(g.count),
                     )
+            self.cache_sharding = state.cache.k.sharding  # where the cache lives (for checks and logs)
             if stage.done_chunk is not None:
                 yield self._clean_chunk(state, lay, stage.done_chunk)
 
