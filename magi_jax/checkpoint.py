@@ -27,6 +27,11 @@ META = "magi_jax.json"
 PARAMS = "params"
 
 
+# generate looks for `<released folder>.magi_jax` (what convert_torch_weights.py --out suggests)
+# before converting the released folder on the fly
+CONVERTED_SUFFIX = ".magi_jax"
+
+
 class CheckpointFormatError(ValueError):
     """A folder that is not a magi-jax checkpoint, or one of another model or shape."""
 

@@ -145,6 +145,44 @@ def build_dit(config: MagiConfig, arrays: dict) -> DiT:
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
+def _variant_flags(distill: bool, fp8: bool) -> str:
+    return ("fp8 " if fp8 else "") + ("distilled" if distill else "base")
+
+
+def check_weight_kind(path, config: MagiConfig) -> None:
+    """Refuses weights made for another variant than `config` (base vs distill, bf16 vs fp8).
+
+    Base and distilled weights have the same keys and shapes, so only where they came from
+    tells them apart: the released folder name (`inference_weight[.fp8][.distill]`) or the
+    engine config a converted checkpoint was written with.
+    """
+    from pathlib import Path
+
+    from magi_jax import checkpoint
+
+    path = Path(path)
+    ours = (config.engine.distill, config.engine.fp8_quant)
+    if checkpoint.is_checkpoint(path):
+        engine = checkpoint.read_meta(path).get("config", {}).get("engine_config")
+        if engine is None:
+            return
+        theirs = (bool(engine.get("distill")), bool(engine.get("fp8_quant")))
+        origin = "was converted for"
+    else:
+        name = path.name if path.is_dir() else path.parent.name
+        parts = name.split(".")
+        if parts[0] != "inference_weight":
+            return  # a folder of the user's own naming: nothing to go by
+        theirs = ("distill" in parts[1:], "fp8" in parts[1:])
+        origin = "holds"
+    if theirs != ours:
+        raise checkpoint.CheckpointFormatError(
+            f"{path} {origin} {_variant_flags(*theirs)} weights, but the config is a {_variant_flags(*ours)} model "
+            f"(engine_config.distill={ours[0]}, fp8_quant={ours[1]}, cfg_number={config.runtime.cfg_number}); "
+            f"pass the config these weights belong to, or the {_variant_flags(*ours)} weights"
+        )
+
+
 def load_dit(path, config: MagiConfig, shardings: dict | None = None, progress=None) -> DiT:
     """A DiT from a magi-jax checkpoint folder, or straight from upstream safetensors.
 
@@ -153,6 +191,7 @@ def load_dit(path, config: MagiConfig, shardings: dict | None = None, progress=N
     """
     from magi_jax import checkpoint
 
+    check_weight_kind(path, config)
     expected = expected_leaves(abstract_dit(config))
     if checkpoint.is_checkpoint(path):
         stored = checkpoint.read_meta(path).get("config", {}).get("model_config")

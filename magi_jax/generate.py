@@ -28,7 +28,6 @@ import numpy as np
 from magi_jax.config import ConfigError, MagiConfig, load_config
 
 MODES = ("t2v", "i2v", "v2v")
-DIT_ORBAX_SUFFIX = ".magi_jax"  # convert_torch_weights.py --out <upstream folder>.magi_jax
 
 
 class UsageError(ValueError):
@@ -160,7 +159,8 @@ def resolve(args: argparse.Namespace) -> Plan:
 
 def _dit_source(config: MagiConfig) -> Path:
     """Where the DiT weights are: a magi-jax checkpoint, or upstream's inference_weight folder."""
-    from magi_jax.checkpoint import is_checkpoint
+    from magi_jax.checkpoint import CONVERTED_SUFFIX, is_checkpoint
+    from magi_jax.dit_weights import check_weight_kind
 
     if not config.runtime.load:
         raise ConfigError("runtime_config.load is empty; pass --dit_ckpt or set load to the downloaded model folder")
@@ -170,12 +170,12 @@ def _dit_source(config: MagiConfig) -> Path:
     sub = (
         "inference_weight" + (".fp8" if config.engine.fp8_quant else "") + (".distill" if config.engine.distill else "")
     )
-    for candidate in (root.with_name(root.name + DIT_ORBAX_SUFFIX), root / (sub + DIT_ORBAX_SUFFIX), root / sub, root):
-        if is_checkpoint(candidate):
-            return candidate
-        if candidate.is_dir() and (
-            any(candidate.glob("*.safetensors*")) or (candidate / "model.safetensors.index.json").exists()
+    for candidate in (root.with_name(root.name + CONVERTED_SUFFIX), root / (sub + CONVERTED_SUFFIX), root / sub, root):
+        if is_checkpoint(candidate) or (
+            candidate.is_dir()
+            and (any(candidate.glob("*.safetensors*")) or (candidate / "model.safetensors.index.json").exists())
         ):
+            check_weight_kind(candidate, config)  # base vs distilled weights share every key: check now
             return candidate
     raise ConfigError(
         f"no DiT weights under {root}: expected {root / sub}/model.safetensors (or its shards), as released, or a "
@@ -184,22 +184,28 @@ def _dit_source(config: MagiConfig) -> Path:
 
 
 def main(argv=None) -> int:
+    from magi_jax.checkpoint import CheckpointFormatError
+    from magi_jax.convert import ConversionError
     from magi_jax.memory_plan import MemoryPlanError
+    from magi_jax.safetensors_io import CheckpointError
     from magi_jax.sharding import MeshError, maybe_initialize_distributed
+    from magi_jax.vae import VaeConfigError
     from magi_jax.video_io import MediaError
 
+    # what a user can fix: told in one line (conversion errors list the keys), never a traceback
+    weights_errors = (CheckpointFormatError, CheckpointError, ConversionError, VaeConfigError, FileNotFoundError)
     args = parse_args(argv)
     maybe_initialize_distributed()  # on a pod: every host runs this same command
     try:
         plan = resolve(args)
-    except (UsageError, ConfigError, MediaError, MeshError, MemoryPlanError) as e:
+    except (UsageError, ConfigError, MediaError, MeshError, MemoryPlanError, CheckpointFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from magi_jax.pipeline import run
 
     try:
         run(plan)
-    except (ConfigError, MediaError, FileNotFoundError) as e:
+    except (ConfigError, MediaError, *weights_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -26,7 +26,6 @@ from flax import nnx
 from magi_jax.config import MagiConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-ORBAX_SUFFIX = ".magi_jax"
 
 
 def _log(msg: str):
@@ -35,9 +34,9 @@ def _log(msg: str):
 
 def _prefer_checkpoint(path: Path) -> Path:
     """`<path>.magi_jax` when convert_torch_weights.py wrote one, else `path`."""
-    from magi_jax.checkpoint import is_checkpoint
+    from magi_jax.checkpoint import CONVERTED_SUFFIX, is_checkpoint
 
-    converted = path.with_name(path.name + ORBAX_SUFFIX)
+    converted = path.with_name(path.name + CONVERTED_SUFFIX)
     return converted if is_checkpoint(converted) else path
 
 

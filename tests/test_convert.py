@@ -1,6 +1,7 @@
 """The converter: every released layout reads, every mismatch is a named error, writes are atomic."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -199,6 +200,28 @@ def test_loading_checkpoint_with_other_config_fails(plain, tmp_path):
     other = cfg.replace(model=dict(layernorm_epsilon=1e-5))
     with pytest.raises(checkpoint.CheckpointFormatError, match="differs in layernorm_epsilon"):
         load_dit(tmp_path / "ck", other)
+
+
+def _other_variant(cfg):
+    """The same model as the other kind: base <-> distilled (whose weights share every key)."""
+    distill = not cfg.engine.distill
+    return cfg.replace(engine=dict(distill=distill), runtime=dict(cfg_number=1 if distill else 3))
+
+
+def test_base_and_distilled_weights_are_not_mixed(plain, tmp_path):
+    fx, cfg, ref = plain
+    other = _other_variant(cfg)
+    theirs = "distilled" if cfg.engine.distill else "base"
+    checkpoint.save(ref, tmp_path / "ck", "dit", cfg.to_dict())
+    with pytest.raises(checkpoint.CheckpointFormatError, match=f"was converted for {theirs} weights"):
+        load_dit(tmp_path / "ck", other)
+    # a released folder says which it is by its name
+    released = tmp_path / ("inference_weight.distill" if cfg.engine.distill else "inference_weight")
+    released.mkdir()
+    shutil.copy(fx.weights, released / "model.safetensors")
+    with pytest.raises(checkpoint.CheckpointFormatError, match=f"holds {theirs} weights"):
+        load_dit(released, other)
+    assert load_dit(released, cfg) is not None  # the right pairing loads
 
 
 def test_cli_vae_and_t5_checkpoints_load_back(tmp_path):

@@ -121,6 +121,14 @@ def _config_file(tmp_path, edit):
     return str(path)
 
 
+def _released_folder(tmp_path, name):
+    """A folder laid out as upstream releases it (the weights' bytes are never read here)."""
+    folder = tmp_path / "ckpt" / name
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").touch()
+    return folder
+
+
 BAD = [
     (lambda t, m: ["--mode", "x2v"], "unknown --mode 'x2v'"),
     (lambda t, m: ["--mode", "i2v"], "--mode i2v needs --image_path"),
@@ -146,6 +154,13 @@ BAD = [
     (lambda t, m: ["--output_path", str(t / "no" / "dir" / "x.mp4")], "does not exist"),
     (lambda t, m: ["--output_path", str(t / "x.avi")], "must end in .mp4"),
     (lambda t, m: ["--config_file", "4.5B_distill", "--size", "256x256", "--num_frames", "24"], "no DiT weights"),
+    (
+        lambda t, m: (
+            ["--config_file", "4.5B_distill", "--size", "256x256", "--num_frames", "24"]
+            + ["--dit_ckpt", str(_released_folder(t, "inference_weight"))]
+        ),
+        "holds base weights, but the config is a distilled model",
+    ),
     (lambda t, m: ["--mesh", "2x4"], "mesh '2x4' needs 8 devices, 1 are present"),
     (lambda t, m: ["--config_file", "24B_base", "--num_frames", "960"], "but a device holds"),
 ]
