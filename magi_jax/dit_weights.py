@@ -15,6 +15,7 @@ Per-layer keys are stacked on the scanned layer axis of their segment.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -136,12 +137,17 @@ def convert_dit(src, config: MagiConfig, progress=None) -> dict[tuple, np.ndarra
         ckpt.close()
 
 
-def build_dit(config: MagiConfig, arrays: dict) -> DiT:
-    """A DiT whose parameters are `arrays` ({path: array}, e.g. from convert_dit)."""
+def build_dit(config: MagiConfig, arrays: dict, shardings: dict | None = None) -> DiT:
+    """A DiT whose parameters are `arrays` ({path: array}, e.g. from convert_dit).
+
+    With `shardings` ({path: Sharding}) each host array goes straight into its shards, so
+    no device ever holds a whole copy of a sharded weight.
+    """
     abstract = abstract_dit(config)
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
-    filled = [(path, var.replace(value=jnp.asarray(arrays[path]))) for path, var in flat]
+    put = (lambda p, a: jax.device_put(a, shardings[p])) if shardings else (lambda p, a: jnp.asarray(a))
+    filled = [(path, var.replace(value=put(path, arrays[path]))) for path, var in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
@@ -183,16 +189,19 @@ def check_weight_kind(path, config: MagiConfig) -> None:
         )
 
 
-def load_dit(path, config: MagiConfig, shardings: dict | None = None, progress=None) -> DiT:
+def load_dit(path, config: MagiConfig, mesh=None, progress=None) -> DiT:
     """A DiT from a magi-jax checkpoint folder, or straight from upstream safetensors.
 
-    An orbax checkpoint is restored into the layout `shardings` gives (one device when
-    None); upstream weights are converted on the fly (host memory: one copy of the model).
+    Parameters land in the layout sharding.RULES gives on `mesh` (one device when None):
+    an orbax checkpoint is restored into it, upstream weights are converted on the host
+    (one copy of the model) and sent shard by shard.
     """
-    from magi_jax import checkpoint
+    from magi_jax import checkpoint, sharding
 
     check_weight_kind(path, config)
-    expected = expected_leaves(abstract_dit(config))
+    abstract = abstract_dit(config)
+    expected = expected_leaves(abstract)
+    shardings = sharding.shardings(abstract, mesh) if mesh is not None else None
     if checkpoint.is_checkpoint(path):
         stored = checkpoint.read_meta(path).get("config", {}).get("model_config")
         ours = config.to_dict()["model_config"]
@@ -205,4 +214,4 @@ def load_dit(path, config: MagiConfig, shardings: dict | None = None, progress=N
         arrays = checkpoint.restore(path, expected, "dit", shardings)
     else:
         arrays = convert_dit(path, config, progress=progress)
-    return build_dit(config, arrays)
+    return build_dit(config, arrays, shardings)

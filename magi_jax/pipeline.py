@@ -56,13 +56,14 @@ def text_encoder(config: MagiConfig, random_weights: bool):
     return t5.load_text_encoder(_prefer_checkpoint(Path(config.runtime.t5_pretrained)), jnp.float32, device)
 
 
-def dit_model(config: MagiConfig, random_weights: bool, source: Path | None):
+def dit_model(config: MagiConfig, random_weights: bool, source: Path | None, mesh=None):
+    """The DiT: released or converted weights read into their shardings on `mesh`, or random (TINY)."""
     from magi_jax.dit import DiT
     from magi_jax.dit_weights import load_dit
 
     if random_weights:
         return DiT(config.model, fp8_quant=config.engine.fp8_quant, distill=config.engine.distill, rngs=nnx.Rngs(0))
-    return load_dit(_prefer_checkpoint(source), config)
+    return load_dit(_prefer_checkpoint(source), config, mesh)
 
 
 def vae_model(config: MagiConfig, random_weights: bool):
@@ -110,15 +111,11 @@ def run(plan) -> dict:
     with text_encoder(cfg, plan.random_weights) as text:
         caption, mask = text.encode([plan.prompt], m.caption_max_length)
 
-    _log("[2/4] loading the DiT and the VAE")
-    dit = dit_model(cfg, plan.random_weights, plan.dit_source)
+    mesh = None if plan.mesh is None else sharding.make_mesh(plan.mesh)
+    _log("[2/4] loading the DiT and the VAE" + ("" if mesh is None else f", sharding over {dict(mesh.shape)}"))
+    dit = dit_model(cfg, plan.random_weights, plan.dit_source, mesh)
     vae = vae_model(cfg, plan.random_weights)
     prefix = prefix_latents(plan, vae)
-
-    mesh = None
-    if plan.mesh is not None:
-        mesh = sharding.make_mesh(",".join(f"{k}={v}" for k, v in plan.mesh.items()))
-        _log(f"      sharding over {dict(mesh.shape)}")
     sampler = Sampler(dit, cfg, mesh=mesh)
     lay = sampler.layout(0 if prefix is None else prefix.shape[1])
     null = np.asarray(dit.y_embedder.null_caption[...], np.float32)[None]

@@ -87,11 +87,9 @@ def layout(config: MagiConfig, prefix_frames: int = 0) -> Layout:
     if rt.num_frames % rt.temporal_downsample_factor:
         tdf = rt.temporal_downsample_factor
         lo, hi = rt.num_frames // tdf * tdf, -(-rt.num_frames // tdf) * tdf
+        why = " (the VAE's temporal factor)" if lo else ""
         problems.append(
-            f"num_frames ({rt.num_frames}) must be a multiple of {tdf} (the VAE's temporal factor); use "
-            f"{lo or hi} or {hi}"
-            if lo
-            else f"num_frames ({rt.num_frames}) must be a multiple of {tdf}; use {hi}"
+            f"num_frames ({rt.num_frames}) must be a multiple of {tdf}{why}; use {f'{lo} or {hi}' if lo else hi}"
         )
     elif generated < 1:
         problems.append(

@@ -92,10 +92,10 @@ def parse_mesh(text: str | None, devices: int | None = None) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(text: str | None = None, devices=None) -> jax.sharding.Mesh:
+def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
+    """The mesh of `sizes` ({axis: size}, from parse_mesh) over `devices` (default: all)."""
     devices = list(devices) if devices is not None else jax.devices()
-    sizes = parse_mesh(text, len(devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
+    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 

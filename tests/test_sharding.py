@@ -41,6 +41,8 @@ def test_sharded_sampler_equals_single_device(eight_devices, mesh):
 def test_params_and_cache_sharded_as_the_table_says(eight_devices, mesh):
     r = eight_devices["meshes"][mesh]
     assert r["params_wrong"] == []
+    # read straight into their shards: from a converted checkpoint, and from converted host arrays
+    assert r["restored_wrong"] == [] and r["built_wrong"] == []
     if r["shape"]["model"] > 1:
         assert r["params_sharded"] > 0, "heads / MLP weights split over the model axis"
     else:
