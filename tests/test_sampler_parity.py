@@ -46,7 +46,7 @@ def test_generate_run(fx, run):
     tol = fx.meta["tolerance"]
     for i, got in enumerate(chunks):
         key = f"chunk_{i:02d}"
-        parity.check_array(got, a[key], tol[f"runs/{run['name']}/{key}"], f"{fx.name}/{run['name']} {key}")
+        parity.check_array(got, a[key], tol[f"runs/{run['name']}/{key}"], f"{fx.id}/{run['name']} {key}")
 
 
 @pytest.mark.parametrize("fx,run", parity.cases("dit", _runs))
