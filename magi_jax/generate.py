@@ -184,10 +184,23 @@ def _dit_source(config: MagiConfig) -> Path:
 
 
 def main(argv=None) -> int:
+    from magi_jax.run_guard import Interrupted, signals_as_exceptions
+
+    # a signal unwinds like an exception: the temporary video is removed on the way out
+    with signals_as_exceptions():
+        try:
+            return _main(argv)
+        except Interrupted as e:
+            print(f"{e}: no video written", file=sys.stderr)
+            return e.exit_code
+
+
+def _main(argv=None) -> int:
     from magi_jax.checkpoint import CheckpointFormatError
     from magi_jax.convert import ConversionError
     from magi_jax.memory_plan import MemoryPlanError
     from magi_jax.safetensors_io import CheckpointError
+    from magi_jax.sampler import NonFiniteError
     from magi_jax.sharding import MeshError, maybe_initialize_distributed
     from magi_jax.vae import VaeConfigError
     from magi_jax.video_io import MediaError
@@ -208,6 +221,9 @@ def main(argv=None) -> int:
     except (ConfigError, MediaError, *weights_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"error: {e}; no video written", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -291,7 +291,8 @@ def _advance(
     cw = config.runtime.chunk_width
     c, _, h, w = state.x.shape
 
-    def step(i, st: SamplerState):
+    def step(i, carry):
+        st, bad = carry
         row = jax.tree.map(lambda a: a[i], plan_rows)
         start = row["slice_point"] * cw
         xw = _window(st.x, start, r * cw)
@@ -321,12 +322,25 @@ def _advance(
         x = jax.lax.dynamic_update_slice(st.x, x_new, (0, first_chunk * cw, 0, 0))
         if on_step is not None:  # progress reporting (interactive runs only: it syncs with the host)
             jax.debug.callback(on_step, i, ordered=True)
-        return SamplerState(x, cache)
+        return SamplerState(x, cache), _first_non_finite(bad, i, x_new, first_chunk, cw)
 
-    state = jax.lax.fori_loop(0, count, step, state)
+    state, bad = jax.lax.fori_loop(0, count, step, (state, jnp.full((2,), -1, jnp.int32)))
     # keep the cache where the rules put it (rows over `seq`, kv heads over `model`)
     cache = KVCache(sharding.constrain(state.cache.k, KVCache.AXES), sharding.constrain(state.cache.v, KVCache.AXES))
-    return SamplerState(state.x, cache)
+    return SamplerState(state.x, cache), bad
+
+
+class NonFiniteError(FloatingPointError):
+    """A sampler step produced NaN or Inf latents (bad weights, an overflow in low precision)."""
+
+
+def _first_non_finite(bad, step, x_new, first_chunk, chunk_width):
+    """[step, chunk] of the first step whose new latents hold NaN/Inf ([-1, -1]: none so far)."""
+    per_chunk = jnp.isfinite(x_new).reshape(x_new.shape[0], -1, chunk_width, *x_new.shape[2:])
+    ok = per_chunk.all(axis=(0, 2, 3, 4))
+    chunk = first_chunk + jnp.argmin(ok).astype(jnp.int32)  # first chunk with a bad value
+    hit = jnp.stack([jnp.asarray(step, jnp.int32), chunk])
+    return jnp.where((bad[0] < 0) & ~ok.all(), hit, bad)
 
 
 def _encode_prefix(
@@ -487,11 +501,13 @@ class Sampler:
                 )
 
         self.steps_done = 0
+        total = sum(g.count for st in stages for g in st.groups)
         for stage in stages:
             with self._mesh_context():
                 for g in stage.groups:
+                    done_before = self.steps_done
                     self.steps_done += g.count
-                    state = self._advance(
+                    state, bad = self._advance(
                         _Static(self.graphdef, cfg, g.key, self.on_step is not None),
                         self.params,
                         state,
@@ -500,6 +516,13 @@ class Sampler:
                         np.int32(g.first_chunk),
                         np.int32(g.count),
                     )
+                    step, chunk = (int(v) for v in np.asarray(bad))  # one small read per group of steps
+                    if step >= 0:
+                        raise NonFiniteError(
+                            f"sampler step {done_before + step + 1} of {total} made chunk {chunk} NaN/Inf "
+                            f"(t = {float(g.arrays['t'][step][-1]):.4f}); the weights or the inputs hold non-finite "
+                            "values, or a low-precision overflow: check the checkpoint, or run with --dtype float32"
+                        )
             self.cache_sharding = state.cache.k.sharding  # where the cache lives (for checks and logs)
             if stage.done_chunk is not None:
                 yield self._clean_chunk(state, lay, stage.done_chunk)

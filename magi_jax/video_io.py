@@ -16,9 +16,12 @@ in the destination folder, renamed into place only when the video is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import signal
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -116,13 +119,42 @@ def check_output_path(path) -> Path:
     """Fails early (before any model work) when the output cannot be written."""
     p = Path(path)
     folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise MediaError(f"output {p} is a folder; give a file name such as {p / 'video.mp4'}")
     if not folder.is_dir():
         raise MediaError(f"output folder {folder} does not exist; create it or choose another --output_path")
-    if not os.access(folder, os.W_OK):
-        raise MediaError(f"output folder {folder} is not writable; choose another --output_path")
     if p.suffix.lower() != ".mp4":
         raise MediaError(f"output {p} must end in .mp4")
+    # try it: permission bits say nothing for root, nor for read-only mounts
+    with _signals_held():
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=".probe", dir=folder)
+        except OSError as e:
+            msg = f"output folder {folder} is not writable ({e.strerror}); choose another --output_path"
+            raise MediaError(msg) from None
+        os.close(fd)
+        os.unlink(probe)
     return p
+
+
+@contextlib.contextmanager
+def _signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Delay SIGINT/SIGTERM (they are delivered on exit) around a few file operations."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+
+
+def _write_failed(path: Path, e: OSError) -> MediaError:
+    reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    return MediaError(
+        f"writing {path} failed: {reason}; nothing was written (free space or choose another --output_path)"
+    )
 
 
 class VideoWriter:
@@ -138,11 +170,17 @@ class VideoWriter:
         self.fps = fps
         self.frames = 0
         self._writer = None
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".mp4", dir=self.path.parent or ".")
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self._tmp: Path | None = None  # created on entering the `with` block, so that its exit removes it
+
+    def _create_tmp(self):
+        with _signals_held():  # a signal between creating the file and noting its name would leak it
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".mp4", dir=self.path.parent or ".")
+            os.close(fd)
+            self._tmp = Path(tmp)
 
     def write(self, frames: np.ndarray):
+        if self._tmp is None:
+            self._create_tmp()
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}")
@@ -161,17 +199,26 @@ class VideoWriter:
             )
             with _quiet_fork():
                 self._writer.send(None)
-        for f in frames:
-            self._writer.send(np.ascontiguousarray(f))
+        try:
+            for f in frames:
+                self._writer.send(np.ascontiguousarray(f))
+        except OSError as e:  # ENOSPC and friends: one clear error, the partial file goes
+            self.abort()
+            raise _write_failed(self.path, e) from None
         self.frames += len(frames)
 
     def close(self):
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        except OSError as e:
+            self.abort()
+            raise _write_failed(self.path, e) from None
         if self.frames == 0:
             self.abort()
             raise MediaError(f"no frames were written to {self.path}")
+        # the temp name is unique (mkstemp) and the rename atomic: concurrent runs never mix files
         os.replace(self._tmp, self.path)
 
     def abort(self):
@@ -181,9 +228,15 @@ class VideoWriter:
             except Exception:
                 pass
             self._writer = None
-        self._tmp.unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self):
+        try:
+            self._create_tmp()
+        except BaseException:
+            self.abort()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb):
