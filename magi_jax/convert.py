@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from magi_jax.safetensors_io import Checkpoint
+from magi_jax.safetensors_io import FLOAT_DTYPES, Checkpoint
 
 Path = tuple  # a path into a parameter tree, as nnx.State flattens it: ('blocks', 'q', 'kernel')
 
@@ -119,6 +119,8 @@ def check(ckpt: Checkpoint, by_key: dict, expected: dict, ignore: Callable[[str]
         want_dtype = np.dtype(expected[rule.path].dtype)
         if rule.exact_dtype and info.dtype != want_dtype:
             problems.append(f"key {key!r} has dtype {info.dtype}, expected {want_dtype}")
+        elif info.dtype not in FLOAT_DTYPES:  # casting integers/bools into weights would be silent garbage
+            problems.append(f"key {key!r} in {info.file.name} has dtype {info.dtype}, which the converter cannot use")
     for key in present - set(by_key):
         if ignore is None or not ignore(key):
             problems.append(f"unexpected key {key!r} with shape {list(ckpt.info(key).shape)}")

@@ -44,6 +44,7 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
+FLOAT_DTYPES = frozenset(_DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
 
 INDEX_NAME = "model.safetensors.index.json"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -67,35 +68,79 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._tmp = None
+        self._mm = None
         source = self.path
         if source.name.endswith(".zst"):
             source = self._decompress(source)
+        size = os.path.getsize(source)
         with open(source, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise CheckpointError(f"{self.path}: too short to be a safetensors file")
             (n,) = struct.unpack("<Q", raw)
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{self.path}: header claims {n} bytes but the file has {size}: the file is truncated or not "
+                    "safetensors (download it again)"
+                )
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from e
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(source) > 8 + n else None
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 + n else None
         self._base = 8 + n
         self.metadata = header.pop("__metadata__", None) or {}
         self._entries = {}
         for key, e in header.items():
-            if e["dtype"] not in _DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {e['dtype']}")
+            if e.get("dtype") not in _DTYPES:
+                raise CheckpointError(
+                    f"{self.path}: tensor {key!r} has dtype {e.get('dtype')}, which the converter does not know "
+                    f"(known: {', '.join(_DTYPES)}); re-save it in one of these"
+                )
             self._entries[key] = (tuple(e["shape"]), _DTYPES[e["dtype"]], tuple(e["data_offsets"]))
+        self._check_layout(size - self._base)
+
+    def _check_layout(self, data_bytes: int):
+        """Every tensor's byte range inside the data section, sized by its shape, none overlapping.
+
+        Checked once from the header, so that a truncated download or a header that lies about
+        offsets is an error naming the tensor before any data is read (not garbage weights, nor
+        a numpy error deep inside the converter)."""
+        spans = []
+        for key, (shape, dtype, offsets) in self._entries.items():
+            count = int(np.prod(shape, dtype=np.int64))
+            if len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+                raise CheckpointError(f"{self.path}: tensor {key!r} has invalid data_offsets {list(offsets)}")
+            start, end = offsets
+            if end - start != count * dtype.itemsize:
+                raise CheckpointError(
+                    f"{self.path}: tensor {key!r} spans {end - start} bytes but its shape {list(shape)} of "
+                    f"{dtype} needs {count * dtype.itemsize}: the header is corrupt"
+                )
+            if end > data_bytes:
+                raise CheckpointError(
+                    f"{self.path}: tensor {key!r} ends at byte {end} of the data, which holds {data_bytes}: the file "
+                    "is truncated (download it again)"
+                )
+            if end > start:
+                spans.append((start, end, key))
+        spans.sort()
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise CheckpointError(f"{self.path}: tensors {a!r} and {b!r} overlap: the header is corrupt")
 
     def _decompress(self, path: Path) -> Path:
         # Streamed to a temporary file so that the shard can be memory-mapped like any other.
         import zstandard
 
         fd, tmp = tempfile.mkstemp(suffix=".safetensors", prefix="magi_zst_")
-        with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-            zstandard.ZstdDecompressor().copy_stream(src, out)
         self._tmp = Path(tmp)
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                zstandard.ZstdDecompressor().copy_stream(src, out)
+        except zstandard.ZstdError as e:
+            self._tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"{path}: does not decompress as zstd ({e}); download the shard again") from None
         return self._tmp
 
     def keys(self) -> list[str]:
@@ -106,10 +151,8 @@ class SafetensorsFile:
         return TensorInfo(key, shape, dtype, self.path)
 
     def get(self, key: str) -> np.ndarray:
-        shape, dtype, (start, end) = self._entries[key]
+        shape, dtype, (start, end) = self._entries[key]  # ranges were checked when the file was opened
         count = int(np.prod(shape, dtype=np.int64))
-        if end - start != count * dtype.itemsize:
-            raise CheckpointError(f"{self.path}: tensor {key!r} byte range does not match shape {shape}")
         if count == 0:
             return np.zeros(shape, dtype)
         return np.frombuffer(self._mm, dtype=dtype, count=count, offset=self._base + start).reshape(shape)
@@ -140,7 +183,14 @@ class Checkpoint:
         self._key_to_file: dict[str, Path] = {}
         self.duplicates: list[tuple[str, Path, Path]] = []
         for path in files:
-            sf = self._file(path)
+            try:
+                sf = self._file(path)
+            except CheckpointError as e:
+                held = sorted(k for k, p in (key_to_file or {}).items() if p == path)
+                if not held:
+                    raise
+                more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+                raise CheckpointError(f"{e} [the index puts {', '.join(map(repr, held[:3]))}{more} in it]") from None
             for k in sf.keys():
                 if k in self._key_to_file:
                     self.duplicates.append((k, self._key_to_file[k], path))
