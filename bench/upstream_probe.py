@@ -25,8 +25,11 @@ import shutil
 import sys
 import tempfile
 
-HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "upstream_perf")
-sys.path.insert(0, os.environ.get("UPSTREAM_PERF", HARNESS))
+# the harness: $UPSTREAM_PERF, else ../shared/upstream_perf beside the checkout (or beside the main one)
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CANDIDATES = [os.path.join(_ROOT, "..", "shared", "upstream_perf"), "/work/shared/upstream_perf"]
+HARNESS = os.environ.get("UPSTREAM_PERF") or next((c for c in _CANDIDATES if os.path.isdir(c)), _CANDIDATES[0])
+sys.path.insert(0, HARNESS)
 os.environ.setdefault("MAGI_UPSTREAM_GIT", "/work/.mirror/SandAI-org+MAGI-1/repo")
 
 import numpy as np  # noqa: E402
