@@ -343,6 +343,19 @@ def _first_non_finite(bad, step, x_new, first_chunk, chunk_width):
     return jnp.where((bad[0] < 0) & ~ok.all(), hit, bad)
 
 
+def _raise_non_finite(pending: list, total: int):
+    """Raises NonFiniteError for the first group in `pending` that met a NaN/Inf step; empties it."""
+    for done_before, g, bad in pending:
+        step, chunk = (int(v) for v in np.asarray(bad))
+        if step >= 0:
+            raise NonFiniteError(
+                f"sampler step {done_before + step + 1} of {total} made chunk {chunk} NaN/Inf "
+                f"(t = {float(g.arrays['t'][step][-1]):.4f}); the weights or the inputs hold non-finite values, "
+                "or a low-precision overflow: check the checkpoint, or run with --dtype float32"
+            )
+    pending.clear()
+
+
 def _encode_prefix(
     graphdef,
     config: MagiConfig,
@@ -502,6 +515,7 @@ class Sampler:
 
         self.steps_done = 0
         total = sum(g.count for st in stages for g in st.groups)
+        pending = []  # (steps before, group, its [first bad step, chunk]) not yet read back
         for stage in stages:
             with self._mesh_context():
                 for g in stage.groups:
@@ -516,16 +530,12 @@ class Sampler:
                         np.int32(g.first_chunk),
                         np.int32(g.count),
                     )
-                    step, chunk = (int(v) for v in np.asarray(bad))  # one small read per group of steps
-                    if step >= 0:
-                        raise NonFiniteError(
-                            f"sampler step {done_before + step + 1} of {total} made chunk {chunk} NaN/Inf "
-                            f"(t = {float(g.arrays['t'][step][-1]):.4f}); the weights or the inputs hold non-finite "
-                            "values, or a low-precision overflow: check the checkpoint, or run with --dtype float32"
-                        )
+                    pending.append((done_before, g, bad))
             self.cache_sharding = state.cache.k.sharding  # where the cache lives (for checks and logs)
             if stage.done_chunk is not None:
+                _raise_non_finite(pending, total)  # read when the host syncs anyway: dispatch stays async
                 yield self._clean_chunk(state, lay, stage.done_chunk)
+        _raise_non_finite(pending, total)
 
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
