@@ -155,7 +155,7 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------
     def init_state(self) -> TrainState:
         with self._mesh():
-            params = self._init_params
+            params = jax.tree.map(jnp.copy, self._init_params)  # steps donate the state: never hand out ours
             opt_state = jax.jit(self.tx.init)(params)
             key = jax.random.PRNGKey(self.tcfg.seed)
             return TrainState(jnp.int32(0), params, opt_state, key)
@@ -203,7 +203,7 @@ class Trainer:
         params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
         metrics = {
             "loss": l_sum / tcfg.grad_accum,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": self.schedule(state.step),
         }
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
