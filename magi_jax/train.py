@@ -76,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
+    remat: bool = True  # recompute each layer in the backward pass (activations: one layer's, not all)
     objective: ObjectiveConfig = ObjectiveConfig()
     lora: LoRAConfig | None = None  # None: full fine-tune
 
@@ -141,6 +142,8 @@ class Trainer:
         self.config, self.tcfg, self.mesh = config, tcfg, mesh
         if tcfg.lora is not None and not nnx.state(model, LoRAParam):
             apply_lora(model, tcfg.lora, seed=tcfg.seed)
+        for segment in model.segments:
+            segment.remat = tcfg.remat
         if mesh is not None:
             model = sharding.place(model, mesh)
         trainable_filter = LoRAParam if tcfg.lora is not None else nnx.Param
