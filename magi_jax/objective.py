@@ -180,13 +180,11 @@ def clip_loss(graphdef, trainable, frozen, config: MagiConfig, ocfg: ObjectiveCo
         trainable = dropped
     else:
         frozen = dropped
-    model = nnx.merge(graphdef, trainable, frozen)
-    dtype = config.model.dtype
-    xt_in = xt.astype(dtype) if dtype != jnp.float32 else xt
+    model = nnx.merge(graphdef, trainable, frozen)  # latents stay float32, as the sampler feeds them
 
     if not ocfg.shortcut:
         target = x1 - x0
-        pred = clip_velocity(model, config, xt_in, t, caption, mask, ocfg.kv_span)
+        pred = clip_velocity(model, config, xt, t, caption, mask, ocfg.kv_span)
     else:
         finest = max(ocfg.shortcut_steps)
         n = jnp.asarray(steps_n, f32)
@@ -199,17 +197,16 @@ def clip_loss(graphdef, trainable, frozen, config: MagiConfig, ocfg: ObjectiveCo
             t1 = warp_time(u, ocfg.shift)
             d1 = jnp.where(clean, 0.0, t2 - t1)
             d2 = jnp.where(clean, 0.0, t3 - t2)
-            v1 = clip_velocity(teacher, config, xt_in, t, caption, mask, ocfg.kv_span, n)
+            v1 = clip_velocity(teacher, config, xt, t, caption, mask, ocfg.kv_span, n)
             x_mid = xt + v1 * per_frame(d1, width)
             t_mid = jnp.where(clean, t, t2)
-            x_mid_in = x_mid.astype(dtype) if dtype != jnp.float32 else x_mid
-            v2 = clip_velocity(teacher, config, x_mid_in, t_mid, caption, mask, ocfg.kv_span, n)
+            v2 = clip_velocity(teacher, config, x_mid, t_mid, caption, mask, ocfg.kv_span, n)
             total = jnp.where(d1 + d2 > 0, d1 + d2, 1.0)
             return (v1 * per_frame(d1 / total, width) + v2 * per_frame(d2 / total, width)).astype(f32)
 
         target = jax.lax.cond(n >= finest, lambda: (x1 - x0).astype(f32), self_consistent)
         target = jax.lax.stop_gradient(target)
-        pred = clip_velocity(model, config, xt_in, t, caption, mask, ocfg.kv_span, n / 2)
+        pred = clip_velocity(model, config, xt, t, caption, mask, ocfg.kv_span, n / 2)
 
     weight = per_frame(~clean, width).astype(f32)
     err = jnp.square(pred.astype(f32) - target) * weight

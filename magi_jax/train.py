@@ -151,14 +151,15 @@ class Trainer:
         self.param_dtypes = jax.tree.map(lambda a: a.dtype, trainable)
         self.tx = optimizer(tcfg)
         self.schedule = lr_schedule(tcfg)
-        master = (lambda a: a.astype(f32)) if tcfg.master_dtype == "float32" else (lambda a: a)
-        self._init_params = jax.tree.map(master, trainable)
+        self._trainable = trainable  # the model's own arrays: the first state is cast from them
         self._step = jax.jit(self._train_step, donate_argnums=0)
 
     # -- state ---------------------------------------------------------------------------
     def init_state(self) -> TrainState:
         with self._mesh():
-            params = jax.tree.map(jnp.copy, self._init_params)  # steps donate the state: never hand out ours
+            # a jitted cast returns fresh buffers: steps donate the state, the model keeps its arrays
+            master = f32 if self.tcfg.master_dtype == "float32" else None
+            params = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(master or a.dtype), t))(self._trainable)
             opt_state = jax.jit(self.tx.init)(params)
             key = jax.random.PRNGKey(self.tcfg.seed)
             return TrainState(jnp.int32(0), params, opt_state, key)

@@ -37,6 +37,7 @@ from magi_jax.config import MagiConfig
 INDEX = "index.jsonl"
 META = "meta.json"
 SKIPPED = "skipped.txt"
+CACHED_CLIPS = 64
 
 
 class DataError(ValueError):
@@ -182,6 +183,8 @@ class ClipData:
             emb[0, 0, :n], mask[0, :n] = tokens[:n], 1
             null = np.zeros((1, length, m.caption_channels), np.float32)  # no clean chunks: unused
             cap, cmask = caption_side(emb, mask, null, self.chunks, 0, rt, self.table, max_len=length)
+            if len(self._cache) >= CACHED_CLIPS:  # streamed: only the most recent clips stay in memory
+                self._cache.pop(next(iter(self._cache)))
             self._cache[i] = (latents, cap[0].astype(np.float32), cmask[0].astype(np.float32))
         return self._cache[i]
 
