@@ -193,6 +193,7 @@ def test_finetune_on_one_motion_pulls_samples_toward_it(tmp_path):
     assert after < 0.67 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_generate_runs_with_adapters(finetuned, tmp_path, capsys):
     """`--lora PATH[:SCALE]`, twice: both adapters are merged into the DiT and the video is written."""
     from magi_jax.generate import main

@@ -51,6 +51,7 @@ TRAIN_CASES = {
     "mid_full": lambda: (_mid_f32(), 2, None),
     "mid_lora": lambda: (_mid_f32(), 2, _lora(16)),
 }
+SLOW_TRAIN_CASES = {"mid_full", "mid_lora"}  # compiling a 1024-wide train step takes a while
 
 
 def _lora(rank):
@@ -65,7 +66,9 @@ def _mid_f32():
     )
 
 
-@pytest.mark.parametrize("name", TRAIN_CASES)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TRAIN_CASES else n for n in TRAIN_CASES]
+)
 def test_training_plan_within_20_percent_of_allocation(name):
     from magi_jax.memory_plan import compiled_train_memory, plan_training_memory
 

@@ -100,6 +100,7 @@ def test_jsonl_sources(tmp_path, videos):
         find_sources(f)
 
 
+@pytest.mark.slow
 def test_train_command_writes_an_adapter_and_resumes(prepared, tmp_path, capsys):
     from magi_jax.train import checkpoints, main
 
