@@ -221,6 +221,7 @@ class LayerStack(nnx.Module):
                 nnx.vmap(make, in_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             )(rngs)
         self.first, self.count, self.quantized = first, count, quantized
+        self.remat = False  # training: recompute each layer in the backward pass (train.Trainer sets it)
 
     def __call__(self, x, ctx, cache):
         graphdef, state = nnx.split(self.layers)
@@ -231,6 +232,8 @@ class LayerStack(nnx.Module):
             h, c = nnx.merge(graphdef, layer_state)(h, ctx, c, index)
             return (constrain(h, (None, "tokens", "embed")), c), None
 
+        if self.remat:  # keep only each layer's input for the backward pass, not its activations
+            body = jax.checkpoint(body, prevent_cse=False)
         index = self.first + jnp.arange(self.count, dtype=jnp.int32)
         (x, cache), _ = jax.lax.scan(body, (x, cache), (state, index))
         return x, cache

@@ -62,6 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ours.add_argument("--aspect_policy", default="fit", help="i2v image resize: fit, crop or pad")
     ours.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="LoRA adapter written by python -m magi_jax.train, merged into the DiT at SCALE (default 1); repeatable",
+    )
+    ours.add_argument(
         "--mesh",
         default=None,
         help="device mesh: 'model=2,seq=4' or '2x4' (model x seq); default: all devices on the sequence axis",
@@ -82,6 +89,7 @@ class Plan:
     video: np.ndarray | None = None  # (T, H, W, 3) uint8, already resampled and cut
     dit_source: Path | None = None
     mesh: dict | None = None  # {axis: size} when more than one device takes part
+    loras: tuple = ()  # ((adapter folder, scale), ...) merged into the DiT in this order
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -154,7 +162,23 @@ def resolve(args: argparse.Namespace) -> Plan:
     prefix = 1 if image is not None else 0 if video is None else (1 if len(video) == 1 else len(video) // tdf)
     check_fits(plan_memory(config, mesh, prefix))  # refuse, with the numbers, what cannot fit a device
     dit_source = None if random_weights else _dit_source(config)  # weights must exist
-    return Plan(config, args.mode, args.prompt, output, random_weights, image, video, dit_source, mesh)
+    loras = _loras(args.lora, config)
+    return Plan(config, args.mode, args.prompt, output, random_weights, image, video, dit_source, mesh, loras)
+
+
+def _loras(texts, config: MagiConfig) -> tuple:
+    """--lora PATH[:SCALE] values, each checked against the model before anything loads."""
+    from magi_jax.lora import LoRAError, check_compatible, parse_lora_arg
+
+    out = []
+    for text in texts:
+        try:
+            path, scale = parse_lora_arg(text)
+            check_compatible(path, config)
+        except LoRAError as e:
+            raise UsageError(str(e)) from None
+        out.append((path, scale))
+    return tuple(out)
 
 
 def _dit_source(config: MagiConfig) -> Path:

@@ -165,3 +165,134 @@ def compiled_step_memory(config: MagiConfig, prefix_frames: int = 0) -> int:
     compiled = step.lower(abstract, state, run, arrays, sds((), jnp.int32), sds((), jnp.int32)).compile()
     ma = compiled.memory_analysis()
     return ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class TrainMemoryPlan:
+    """Per-device bytes of a training step (train.Trainer), parts as XLA holds them."""
+
+    params: int  # the model's weights in params_dtype (frozen base, or the forward copy)
+    trainable: int  # master copy, gradients and AdamW moments of the trainable parameters
+    activations: int  # saved layer inputs + one layer's forward/backward working set + the batch
+    mesh: dict
+
+    @property
+    def total(self) -> int:
+        return self.params + self.trainable + self.activations
+
+    def describe(self) -> str:
+        return (
+            f"parameters {gib(self.params)} + optimizer {gib(self.trainable)} + activations {gib(self.activations)} "
+            f"= {gib(self.total)} per device (mesh {self.mesh})"
+        )
+
+
+def plan_training_memory(
+    config: MagiConfig,
+    chunks: int,
+    mesh_sizes: dict | None = None,
+    lora=None,
+    clips_per_device: int = 1,
+    master_dtype: str = "float32",
+    remat: bool = True,
+    flash_attention: bool | None = None,
+) -> TrainMemoryPlan:
+    """The per-device plan of one training step on clips of `chunks` chunks at the config's size.
+
+    lora: a lora.LoRAConfig (adapters train, the base is frozen) or None (full fine-tune).
+    flash_attention: the attention keeps O(tokens) residuals for its backward (cuDNN / Pallas
+    kernels: GPUs and TPUs, 16-bit); otherwise (the XLA path: CPU, float32) the probabilities
+    of every chunk of the layer being differentiated are kept. Default: by backend.
+    """
+    from magi_jax.dit_weights import abstract_dit
+
+    sizes = dict.fromkeys(sharding.MESH_AXES, 1) | (mesh_sizes or {})
+    mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+    m, rt = config.model, config.runtime
+    pd = jnp.dtype(m.dtype).itemsize
+    if flash_attention is None:
+        from magi_jax.attention import implementation
+
+        flash_attention = implementation(m.dtype) in ("cudnn", "pallas")
+
+    params, count = 0, 0
+    for _, var in nnx.to_flat_state(nnx.state(abstract_dit(config))):
+        v = var.get_value()
+        split = _shard_factor(var.get_metadata()["out_sharding"], v.shape, mesh)
+        params += _bytes(v.shape, v.dtype) // split
+        count += int(np.prod(v.shape, dtype=np.int64)) // split
+    d, h, g, hd = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels
+    ffn = m.ffn_hidden_size
+    tp = sizes["model"]
+    if lora is not None:
+        shapes = {
+            "q": (d, h * hd),
+            "k": (d, g * hd),
+            "v": (d, g * hd),
+            "proj": (2 * h * hd, d),
+            "qx": (d, h * hd),
+            "kv_xattn": (m.xattn_size, 2 * g * hd),
+            "fc1": (d, 2 * ffn if m.gated_linear_unit else ffn),
+            "fc2": (ffn, d),
+        }
+        count = m.num_layers * sum((shapes[t][0] + shapes[t][1]) * lora.rank for t in lora.targets)
+    master = 4 if master_dtype == "float32" else pd
+    # master copy, gradient (same dtype), AdamW mu and nu; a full fine-tune also casts the
+    # master copy to params_dtype for the forward (that copy is `params`)
+    trainable = count * (master * 2 + 4 * 2 if master == 4 else master * 4)
+
+    c = m.latent_channels
+    hh, ww = rt.video_size_h // 8, rt.video_size_w // 8
+    frames = chunks * rt.chunk_width
+    n = rt.chunk_width // m.t_patch_size * (hh // m.patch_size) * (ww // m.patch_size)
+    s = chunks * n // sizes["seq"]
+    b = clips_per_device
+    length = m.caption_max_length
+    batch = b * (c * frames * hh * ww * 4 * 4 + chunks * length * (m.caption_channels + 1) * 4 * 2)
+    captions = b * chunks * length * m.xattn_size * (4 + pd) + b * chunks * length * 2 * g * hd * pd * 2 // tp
+    # one layer, forward values kept for its backward, and their gradients alongside
+    layer = (
+        b
+        * s
+        * (
+            d * (pd * 6 + 4 * 4)  # residual stream, norms, gated residual (float32 inside)
+            + (2 * h + 2 * g) * hd * (pd + 4) // tp  # q, qx, k, v (+ float32 norm/rope copies)
+            + 2 * h * hd * pd * 2 // tp  # attention outputs [self | cross]
+            + (2 if m.gated_linear_unit else 1) * ffn * (pd + 4) * 2 // tp  # MLP hidden before/after the activation
+        )
+    )
+    if flash_attention:
+        probs = b * s * h * 4 * 2 // tp
+    else:  # every chunk's probabilities over its visible keys (block-causal: chunk c sees c + 1 chunks)
+        probs = b * (h // tp or 1) * n * n * (chunks * (chunks + 1) // 2) * 4 // sizes["seq"]
+    probs += b * (h // tp or 1) * s * length * 4  # cross-attention probabilities
+    saved = (m.num_layers if remat else 0) * b * s * d * pd
+    working = (2 if remat else m.num_layers) * (layer + probs)
+    return TrainMemoryPlan(params, trainable, saved + working + batch + captions, sizes)
+
+
+def compiled_train_memory(config: MagiConfig, chunks: int, lora=None, master_dtype: str = "float32") -> int:
+    """XLA's own account of a training step (one clip): arguments, temporaries and outputs,
+    from compiling on abstract shapes. What `plan_training_memory` is checked against."""
+    from magi_jax.dit import DiT
+    from magi_jax.objective import Clip
+    from magi_jax.train import TrainConfig, Trainer
+
+    m, rt = config.model, config.runtime
+    tcfg = TrainConfig(batch_size=1, lora=lora, master_dtype=master_dtype)
+    trainer = Trainer(DiT(m, distill=config.engine.distill, rngs=nnx.Rngs(0)), config, tcfg)
+    sds = jax.ShapeDtypeStruct
+    state = jax.eval_shape(trainer.init_state)
+    hh, ww = rt.video_size_h // 8, rt.video_size_w // 8
+    length = m.caption_max_length
+    batch = Clip(
+        sds((1, m.latent_channels, chunks * rt.chunk_width, hh, ww), jnp.float32),
+        sds((1, chunks, length, m.caption_channels), jnp.float32),
+        sds((1, chunks, length), jnp.float32),
+    )
+    frozen = jax.tree.map(lambda a: sds(a.shape, a.dtype), trainer.frozen)
+    ma = trainer._step.lower(state, frozen, batch).compile().memory_analysis()
+    return ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes

@@ -114,6 +114,11 @@ def run(plan) -> dict:
     mesh = None if plan.mesh is None else sharding.make_mesh(plan.mesh)
     _log("[2/4] loading the DiT and the VAE" + ("" if mesh is None else f", sharding over {dict(mesh.shape)}"))
     dit = dit_model(cfg, plan.random_weights, plan.dit_source, mesh)
+    for path, scale in getattr(plan, "loras", ()):
+        from magi_jax.lora import merge_lora
+
+        _log(f"      merging LoRA adapter {path} at scale {scale}")
+        merge_lora(dit, path, cfg, scale)
     vae = vae_model(cfg, plan.random_weights)
     prefix = prefix_latents(plan, vae)
     sampler = Sampler(dit, cfg, mesh=mesh)

@@ -42,6 +42,7 @@ RULES: dict[str, str | None] = {
     "kv_heads": "model",
     "mlp": "model",
     # activations and the KV cache
+    "batch": "data",  # training clips (data parallelism)
     "tokens": "seq",
     "kv_seq": "seq",
     # T5

@@ -1,0 +1,249 @@
+"""Training data: videos with captions -> cached latents and text embeddings -> batches.
+
+    python -m magi_jax.train_data --videos clips/ --out data/ --config_file 4.5B_base \
+        --vae_ckpt VAE --t5_ckpt T5 [--num_frames 96 --size 480x832 --fps 24]
+
+Input: a folder of `name.mp4` with a caption in `name.txt` beside each, or a JSONL file of
+{"video": path, "caption": text} lines (paths relative to the file). Each video is read
+once (the first `num_frames` frames at `fps`, resized to the training size with upstream's
+ffmpeg filters), encoded by the VAE (tiled, times scale_factor, as the generate command
+encodes a prefix) and its caption by T5, and stored as one npz shard per clip:
+  latents  (C, T, h, w) float16
+  caption  (n, Cc) float16, the caption's n valid T5 tokens (the padding is not stored)
+A video that cannot be read, is too short or has no caption is reported by name and
+skipped; `skipped.txt` lists them. Shards are written under a temporary name and renamed,
+and `index.jsonl` (one line per clip) plus `meta.json` are written at the end.
+
+Streaming (`ClipData`): the batch of step s is a function of (seed, s) only - epoch e of
+the data is a seeded permutation - so a resumed run sees exactly the batches it would have.
+Captions get the same special tokens (quality, duration per chunk) the sampler prepends at
+inference (special_tokens.caption_side), so a fine-tune learns the prompt format it will be
+used with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from magi_jax.config import MagiConfig
+
+INDEX = "index.jsonl"
+META = "meta.json"
+SKIPPED = "skipped.txt"
+CACHED_CLIPS = 64
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    video: Path
+    caption: str | None  # None: caption missing
+
+
+def find_sources(videos) -> list[Source]:
+    """Videos and captions from a folder (name.mp4 + name.txt) or a JSONL file."""
+    path = Path(videos)
+    if path.is_dir():
+        out = []
+        for v in sorted(path.glob("*.mp4")):
+            txt = v.with_suffix(".txt")
+            out.append(Source(v.stem, v, txt.read_text().strip() if txt.exists() else None))
+        if not out:
+            raise DataError(f"{path} holds no .mp4 files; put name.mp4 with name.txt (its caption) there")
+        return out
+    if path.is_file():
+        out = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                video = Path(row["video"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f'{path}:{n}: expected {{"video": path, "caption": text}}') from None
+            video = video if video.is_absolute() else path.parent / video
+            out.append(Source(video.stem, video, (row.get("caption") or "").strip() or None))
+        if not out:
+            raise DataError(f"{path} lists no videos")
+        return out
+    raise DataError(f"--videos {videos}: no such folder or JSONL file")
+
+
+def _write_npz(path: Path, **arrays):
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    tmp.rename(path)
+
+
+def prepare(sources, out, config: MagiConfig, vae, text, progress: bool = True) -> dict:
+    """Encodes every usable source into `out`; returns {"clips": n, "skipped": [(name, why)]}.
+
+    `vae` (vae.Vae) and `text` (t5.TextEncoder) are loaded by the caller; frames, size and fps
+    come from config.runtime (num_frames, video_size_h/w, fps)."""
+    from tqdm import tqdm
+
+    from magi_jax.video_io import MediaError, read_video
+
+    rt, m = config.runtime, config.model
+    out = Path(out)
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    index, skipped = [], []
+    for src in tqdm(sources, desc="encoding", unit="video", file=sys.stderr, disable=None if progress else True):
+        try:
+            if src.caption is None:
+                raise DataError("no caption (name.txt beside the video, or a caption in the JSONL)")
+            video = read_video(src.video, rt.fps, rt.video_size_w, rt.video_size_h, prefix_frames=rt.num_frames)
+            if len(video) < rt.num_frames:
+                raise DataError(f"{len(video)} frames at {rt.fps} fps, {rt.num_frames} needed")
+            latents = vae.encode_pixels(video).astype(np.float32)
+            emb, mask = text.encode([src.caption], m.caption_max_length)
+            n = int(np.asarray(mask[0]).sum())
+        except (DataError, MediaError, OSError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"skipped {src.video}: {reason}", file=sys.stderr)
+            skipped.append((str(src.video), reason))
+            continue
+        file = f"clips/{len(index):06d}.npz"
+        _write_npz(out / file, latents=latents.astype(np.float16), caption=emb[0, :n].astype(np.float16))
+        index.append({"name": src.name, "file": file, "caption": src.caption, "frames": int(latents.shape[1])})
+    if not index:
+        raise DataError(f"none of the {len(sources)} videos could be used (see the reasons above)")
+    shape = list(np.load(out / index[0]["file"])["latents"].shape)
+    meta = {"clips": len(index), "latent_shape": shape, "caption_channels": m.caption_channels, "fps": rt.fps}
+    (out / INDEX).write_text("".join(json.dumps(r) + "\n" for r in index))
+    (out / SKIPPED).write_text("".join(f"{v}\t{why}\n" for v, why in skipped))
+    (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+    return {"clips": len(index), "skipped": skipped}
+
+
+class ClipData:
+    """Batches of prepared clips: `batch(step, size)` -> objective.Clip of host arrays."""
+
+    def __init__(self, folder, config: MagiConfig, seed: int = 0):
+        from magi_jax.special_tokens import token_table
+
+        self.folder = Path(folder)
+        if not (self.folder / INDEX).exists() or not (self.folder / META).exists():
+            raise DataError(f"{folder} is not a prepared dataset (no {INDEX}); run python -m magi_jax.train_data")
+        self.items = [json.loads(line) for line in (self.folder / INDEX).read_text().splitlines() if line.strip()]
+        meta = json.loads((self.folder / META).read_text())
+        self.config, self.seed = config, seed
+        m, rt = config.model, config.runtime
+        c, t = meta["latent_shape"][:2]
+        if c != m.latent_channels or meta["caption_channels"] != m.caption_channels:
+            raise DataError(
+                f"{folder} was prepared for {c} latent / {meta['caption_channels']} caption channels, the model "
+                f"takes {m.latent_channels} / {m.caption_channels}; prepare it with this model's VAE and T5"
+            )
+        if t % rt.chunk_width:
+            raise DataError(
+                f"clips have {t} latent frames, not a multiple of chunk_width {rt.chunk_width}; prepare with "
+                f"--num_frames a multiple of {rt.chunk_width * rt.temporal_downsample_factor}"
+            )
+        self.chunks = t // rt.chunk_width
+        self.table = token_table(channels=m.caption_channels)
+        self._cache: dict[int, tuple] = {}
+
+    def __len__(self):
+        return len(self.items)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.items))
+
+    def indices(self, step: int, size: int) -> list[int]:
+        n = len(self.items)
+        out = []
+        for g in range(step * size, (step + 1) * size):
+            out.append(int(self.order(g // n)[g % n]))
+        return out
+
+    def clip(self, i: int):
+        """(latents (C, T, h, w), caption (R, L, Cc), mask (R, L)) float32 for item i."""
+        from magi_jax.special_tokens import caption_side
+
+        if i not in self._cache:
+            m, rt = self.config.model, self.config.runtime
+            with np.load(self.folder / self.items[i]["file"]) as z:
+                latents, tokens = z["latents"].astype(np.float32), z["caption"].astype(np.float32)
+            length = m.caption_max_length
+            emb = np.zeros((1, 1, length, m.caption_channels), np.float32)
+            mask = np.zeros((1, length), np.float32)
+            n = min(len(tokens), length)
+            emb[0, 0, :n], mask[0, :n] = tokens[:n], 1
+            null = np.zeros((1, length, m.caption_channels), np.float32)  # no clean chunks: unused
+            cap, cmask = caption_side(emb, mask, null, self.chunks, 0, rt, self.table, max_len=length)
+            if len(self._cache) >= CACHED_CLIPS:  # streamed: only the most recent clips stay in memory
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = (latents, cap[0].astype(np.float32), cmask[0].astype(np.float32))
+        return self._cache[i]
+
+    def batch(self, step: int, size: int):
+        from magi_jax.objective import Clip
+
+        rows = [self.clip(i) for i in self.indices(step, size)]
+        return Clip(*(np.stack([r[k] for r in rows]) for k in range(3)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m magi_jax.train_data", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--videos", required=True, help="folder of name.mp4 + name.txt, or a JSONL file")
+    ap.add_argument("--out", required=True, help="dataset folder to write")
+    ap.add_argument("--config_file", default=None, help="variant or JSON (default: tiny with random VAE/T5)")
+    ap.add_argument("--vae_ckpt", default=None)
+    ap.add_argument("--t5_ckpt", default=None)
+    ap.add_argument("--num_frames", type=int, default=None, help="frames per clip (a multiple of 4 * chunk_width)")
+    ap.add_argument("--size", default=None, help="HEIGHTxWIDTH, multiples of 16")
+    ap.add_argument("--fps", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    from magi_jax.config import ConfigError, load_config
+    from magi_jax.pipeline import text_encoder, vae_model
+
+    try:
+        config = load_config(args.config_file or "tiny")
+        runtime = {}
+        if args.num_frames:
+            runtime["num_frames"] = args.num_frames
+        if args.fps:
+            runtime["fps"] = args.fps
+        if args.size:
+            try:
+                runtime["video_size_h"], runtime["video_size_w"] = (int(v) for v in args.size.lower().split("x"))
+            except ValueError:
+                raise DataError(f"--size {args.size!r} is not HEIGHTxWIDTH") from None
+        if args.vae_ckpt:
+            runtime["vae_pretrained"] = args.vae_ckpt
+        if args.t5_ckpt:
+            runtime["t5_pretrained"] = args.t5_ckpt
+        config = config.replace(runtime=runtime)
+        rt = config.runtime
+        step = rt.chunk_width * rt.temporal_downsample_factor
+        if rt.num_frames % step or rt.video_size_h % 16 or rt.video_size_w % 16:
+            raise DataError(f"--num_frames must be a multiple of {step} and --size multiples of 16")
+        sources = find_sources(args.videos)
+        random = not (args.vae_ckpt or args.t5_ckpt or args.config_file)
+        if random:
+            print("note: no weights given - tiny random VAE and T5 (a smoke test)", file=sys.stderr)
+        vae = vae_model(config, random)
+        with text_encoder(config, random) as text:
+            result = prepare(sources, args.out, config, vae, text)
+    except (DataError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {result['clips']} clips to {args.out}; skipped {len(result['skipped'])}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Training data and the command lines: videos + captions -> cached shards (bad files skipped
+by name) -> deterministic shuffled batches -> python -m magi_jax.train (LoRA, resume)."""
+
+import json
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from magi_jax.config import load_config
+from magi_jax.train_data import ClipData, DataError, find_sources, prepare
+
+CFG = load_config("tiny")
+
+
+def _mp4(path, frames, size=(64, 64), seed=0):
+    rng = np.random.default_rng(seed)
+    writer = imageio_ffmpeg.write_frames(str(path), size, fps=24, macro_block_size=1, ffmpeg_log_level="error")
+    writer.send(None)
+    for i in range(frames):
+        frame = np.zeros((size[1], size[0], 3), np.uint8)
+        frame[:, :] = rng.integers(0, 255, 3)
+        frame[8 + i % 40 : 24 + i % 40, 10:30] = 255  # a moving bar
+        writer.send(frame)
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    for i, name in enumerate(("walk", "run", "jump")):
+        _mp4(d / f"{name}.mp4", 40, seed=i)
+        (d / f"{name}.txt").write_text(f"a person doing a {name}\n")
+    _mp4(d / "short.mp4", 10)
+    (d / "short.txt").write_text("too short")
+    _mp4(d / "nocaption.mp4", 40)
+    (d / "broken.mp4").write_bytes(b"not a video at all")
+    (d / "broken.txt").write_text("broken")
+    return d
+
+
+@pytest.fixture(scope="module")
+def prepared(videos, tmp_path_factory):
+    from magi_jax.pipeline import text_encoder, vae_model
+
+    out = tmp_path_factory.mktemp("data")
+    with text_encoder(CFG, True) as text:
+        result = prepare(find_sources(videos), out, CFG, vae_model(CFG, True), text, progress=False)
+    return out, result
+
+
+def test_bad_files_are_reported_by_name_and_skipped(prepared, capsys):
+    out, result = prepared
+    assert result["clips"] == 3
+    skipped = {s.split("/")[-1]: why for s, why in result["skipped"]}
+    assert set(skipped) == {"short.mp4", "nocaption.mp4", "broken.mp4"}
+    assert "10 frames" in skipped["short.mp4"] and "caption" in skipped["nocaption.mp4"]
+    assert (out / "skipped.txt").read_text().count("\n") == 3
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert sorted(r["name"] for r in index) == ["jump", "run", "walk"]
+    assert not list(out.glob("clips/*.tmp*"))
+
+
+def test_batches_are_deterministic_shuffled_epochs(prepared):
+    out, _ = prepared
+    data = ClipData(out, CFG, seed=1)
+    batch = data.batch(0, 2)
+    m = CFG.model
+    assert batch.latents.shape == (2, m.latent_channels, 8, 8, 8)
+    assert batch.caption.shape == (2, 4, m.caption_max_length, m.caption_channels)
+    assert batch.caption_mask.shape == (2, 4, m.caption_max_length)
+    # the sampler's caption format: quality and duration tokens in front of the T5 tokens
+    assert batch.caption_mask[0, 0].sum() > 0 and batch.caption_mask[0, 0, :2].all()
+    # every epoch is a permutation of the clips; the batch of a step never changes
+    seen = [data.indices(s, 1)[0] for s in range(9)]
+    for e in range(3):
+        assert sorted(seen[3 * e : 3 * e + 3]) == [0, 1, 2]
+    assert len({tuple(seen[3 * e : 3 * e + 3]) for e in range(3)}) > 1  # reshuffled
+    np.testing.assert_array_equal(ClipData(out, CFG, seed=1).batch(4, 2).latents, data.batch(4, 2).latents)
+
+
+def test_dataset_for_another_model_is_refused(prepared):
+    out, _ = prepared
+    with pytest.raises(DataError, match="caption channels"):
+        ClipData(out, CFG.replace(model=dict(caption_channels=48)))
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        ClipData(out / "clips", CFG)
+    with pytest.raises(DataError, match="no .mp4"):
+        find_sources(out)
+
+
+def test_jsonl_sources(tmp_path, videos):
+    lines = [{"video": str(videos / "walk.mp4"), "caption": "walking"}, {"video": "rel/run.mp4", "caption": ""}]
+    f = tmp_path / "list.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    src = find_sources(f)
+    assert [s.caption for s in src] == ["walking", None] and src[1].video == tmp_path / "rel" / "run.mp4"
+    f.write_text('{"clip": 1}\n')
+    with pytest.raises(DataError, match="list.jsonl:1"):
+        find_sources(f)
+
+
+@pytest.mark.slow
+def test_train_command_writes_an_adapter_and_resumes(prepared, tmp_path, capsys):
+    from magi_jax.train import checkpoints, main
+
+    data, _ = prepared
+    run = tmp_path / "run"
+    args = ["--data", str(data), "--out", str(run), "--lora_rank", "2", "--save_every", "2", "--warmup", "1"]
+    assert main([*args, "--steps", "2"]) == 0
+    assert (run / "adapter.lora" / "magi_jax.json").exists()
+    assert [p.name for p in checkpoints(run)] == ["step_00000002"]
+    assert main([*args, "--steps", "3"]) == 0  # picks up at step 2
+    err = capsys.readouterr().err
+    assert "trained steps 2..3" in err
+    assert main([*args, "--steps", "3", "--lora_targets", "ffn"]) == 2
+    assert "unknown LoRA target" in capsys.readouterr().err
