@@ -19,6 +19,7 @@ written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,4 +253,12 @@ def _main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in (130, 143):
+        # Interrupted mid-run: work may still be in flight on XLA's threads, and tearing the
+        # interpreter down beneath it can crash (SIGSEGV). The output is already cleaned up,
+        # so leave without the teardown and keep the shell's exit code.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
