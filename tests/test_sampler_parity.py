@@ -31,6 +31,7 @@ def run_arrays(fx, run):
     return {k[len(prefix) :]: fx.arrays[k] for k in fx.arrays.files if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fx,run", parity.cases("dit", _runs))
 def test_generate_run(fx, run):
     cfg = run_config(fx, run)
