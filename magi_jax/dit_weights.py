@@ -23,7 +23,8 @@ from flax import nnx
 from magi_jax.config import MagiConfig
 from magi_jax.convert import IDENTITY, LINEAR, Rule, Transform, convert
 from magi_jax.dit import DiT, layer_segments, output_projection_order
-from magi_jax.safetensors_io import open_checkpoint
+from magi_jax.tensor_file import CheckpointError
+from magi_jax.torch_weights import open_torch_weights
 
 FP8_WEIGHT = Transform("fp8 weight (1,out,in)->(in,out)", lambda a: a[0].T, lambda s: (1, s[1], s[0]))
 
@@ -128,7 +129,7 @@ def expected_leaves(abstract: DiT) -> dict:
 
 def convert_dit(src, config: MagiConfig, progress=None) -> dict[tuple, np.ndarray]:
     """Reads an upstream DiT checkpoint (file or folder) into {our path: numpy array}."""
-    ckpt = open_checkpoint(src)
+    ckpt = open_torch_weights(src)
     try:
         return convert(
             ckpt, dit_rules(config), expected_leaves(abstract_dit(config)), progress=progress, source=str(src)
@@ -182,7 +183,7 @@ def check_weight_kind(path, config: MagiConfig) -> None:
         theirs = ("distill" in parts[1:], "fp8" in parts[1:])
         origin = "holds"
     if theirs != ours:
-        raise checkpoint.CheckpointFormatError(
+        raise CheckpointError(
             f"{path} {origin} {_variant_flags(*theirs)} weights, but the config is a {_variant_flags(*ours)} model "
             f"(engine_config.distill={ours[0]}, fp8_quant={ours[1]}, cfg_number={config.runtime.cfg_number}); "
             f"pass the config these weights belong to, or the {_variant_flags(*ours)} weights"
@@ -207,7 +208,7 @@ def load_dit(path, config: MagiConfig, mesh=None, progress=None) -> DiT:
         ours = config.to_dict()["model_config"]
         if stored is not None and stored != ours:
             diff = sorted(k for k in ours if stored.get(k) != ours[k])
-            raise checkpoint.CheckpointFormatError(
+            raise CheckpointError(
                 f"{path} was converted for another model config (differs in {', '.join(diff)}); "
                 f"convert the weights for this config or pass the config they were made with"
             )

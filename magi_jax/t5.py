@@ -336,10 +336,10 @@ def abstract_t5(cfg: T5Config, dtype=jnp.float32) -> T5Encoder:
 def convert_t5(src, cfg: T5Config, dtype=jnp.float32, progress=None) -> dict:
     """HF T5 weights (safetensors or torch .bin, single or sharded) -> {our path: array}."""
     from magi_jax.convert import convert
-    from magi_jax.safetensors_io import open_checkpoint
+    from magi_jax.torch_weights import open_torch_weights
 
     expected = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(abstract_t5(cfg, dtype)))}
-    ckpt = open_checkpoint(src)
+    ckpt = open_torch_weights(src)
     try:
         return convert(ckpt, t5_rules(cfg), expected, ignore=ignored_t5_key, progress=progress, source=str(src))
     finally:

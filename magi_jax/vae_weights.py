@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from magi_jax.convert import IDENTITY, LINEAR, Rule, Transform, convert
-from magi_jax.safetensors_io import open_checkpoint
+from magi_jax.torch_weights import open_torch_weights
 from magi_jax.vae import CONFIG_NAME, TINY, WEIGHTS_NAME, Vae, VaeConfig, VaeModel
 from magi_jax.vae_tiling import SCALE_FACTOR, TileConfig
 
@@ -95,7 +95,7 @@ def convert_vae(src, cfg: VaeConfig, dtype=jnp.bfloat16) -> dict[tuple, np.ndarr
     Strict: a missing, unexpected or mis-shaped key raises convert.ConversionError naming it.
     Values are rounded to `dtype` once (upstream's `.bfloat16()` of the loaded model).
     """
-    ckpt = open_checkpoint(src)
+    ckpt = open_torch_weights(src)
     try:
         return convert(ckpt, vae_rules(cfg), _expected(abstract_vae(cfg, dtype)), source=str(src))
     finally:
