@@ -37,7 +37,7 @@ from magi_jax.attention import chunk_cross_attention, chunk_self_attention
 from magi_jax.config import ModelConfig
 from magi_jax.forward_call import Captions, ForwardCall
 from magi_jax.kv_cache import KVCache, read_window, write_rows
-from magi_jax.layers import LayerNorm, Linear, gelu, linear, param, silu_and_mul, softcap
+from magi_jax.layers import LayerNorm, Linear, gelu, linear, param, scan_layers, silu_and_mul, softcap, stack_layers
 from magi_jax.rope import apply_rope, rope_tables
 from magi_jax.sharding import constrain
 
@@ -215,30 +215,17 @@ class LayerStack(nnx.Module):
     """`count` identical layers (upstream indices first..first+count-1) on a leading axis."""
 
     def __init__(self, cfg: ModelConfig, first: int, count: int, quantized: bool, rngs=None):
-        def make(r):
-            return DiTLayer(cfg, quantized, rngs=r)
-
-        if rngs is None:
-            self.layers = nnx.vmap(lambda _: make(None), in_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})(
-                jnp.arange(count)
-            )
-        else:
-            self.layers = nnx.split_rngs(splits=count)(
-                nnx.vmap(make, in_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            )(rngs)
+        self.layers = stack_layers(lambda r: DiTLayer(cfg, quantized, rngs=r), count, rngs)
         self.first, self.count, self.quantized = first, count, quantized
 
     def __call__(self, x, ctx: PassInputs, call: ForwardCall, cache):
-        graphdef, state = nnx.split(self.layers)
-
-        def body(carry, xs):
+        def body(layer, carry, index):
             h, c = carry
-            layer_state, index = xs
-            h, c = nnx.merge(graphdef, layer_state)(h, ctx, call, c, index)
+            h, c = layer(h, ctx, call, c, index)
             return (constrain(h, (None, "tokens", "embed")), c), None
 
         index = self.first + jnp.arange(self.count, dtype=jnp.int32)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, index))
+        (x, cache), _ = scan_layers(self.layers, body, (x, cache), index, name="dit_layer")
         return x, cache
 
 

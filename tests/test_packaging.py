@@ -62,3 +62,34 @@ def test_variants_ship_inside_the_package(name):
     path = config.CONFIG_DIR / f"{name}.json"
     assert path.is_file() and path.parent.parent == Path(config.__file__).parent
     assert config.load_config(name) == config.load_config(ROOT / "configs" / f"{name}.json")  # the top-level link
+
+
+def _internal_imports(path: Path) -> set[str]:
+    """magi_jax modules `path` imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "magi_jax":
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("magi_jax."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("magi_jax.")}
+    return found
+
+
+def test_no_import_circles():
+    graph = {p.stem: _internal_imports(p) for p in (ROOT / "magi_jax").glob("*.py")}
+    state = {}  # 1 visiting, 2 done
+
+    def visit(module, trail):
+        if state.get(module) == 1:
+            raise AssertionError("import circle: " + " -> ".join([*trail[trail.index(module) :], module]))
+        if state.get(module) == 2:
+            return
+        state[module] = 1
+        for dep in sorted(graph.get(module, ())):
+            visit(dep, [*trail, module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
