@@ -208,7 +208,8 @@ class T5Encoder(nnx.Module):
         cfg = self.cfg
         dtype = self.embedding.get_value().dtype
         length = ids.shape[1]
-        x = jnp.take(self.embedding[...], ids, axis=0)
+        with jax.named_scope("t5_embed"):
+            x = jnp.take(self.embedding[...], ids, axis=0)
         buckets = relative_position_buckets(length, cfg)
         rel = np.arange(length)[None, :] - np.arange(length)[:, None] + length - 1  # key - query
         bias = jnp.take(self.position_bias[...], jnp.asarray(buckets[rel]), axis=0).transpose(2, 0, 1)[None]

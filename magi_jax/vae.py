@@ -445,12 +445,14 @@ class VaeModel(nnx.Module):
         single = x.shape[2] == 1
         if single:
             x = jnp.repeat(x, IMAGE_REPEAT, axis=2)
-        mean, _ = posterior(self.encoder(x))
+        with jax.named_scope("vae_encode"):
+            mean, _ = posterior(self.encoder(x))
         return mean[:, :, :1] if single else mean
 
     def decode(self, z, strided: bool = True):
         """z (B, z, t, h, w) -> (B, 3, t*pt, H, W); one latent frame -> one frame."""
-        out = self.decoder(z, strided)
+        with jax.named_scope("vae_decode"):
+            out = self.decoder(z, strided)
         return out[:, :, :1] if z.shape[2] == 1 else out
 
 
