@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     from magi_jax.config import ConfigError
     from magi_jax.convert import ConversionError
-    from magi_jax.safetensors_io import CheckpointError
+    from magi_jax.tensor_file import CheckpointError
 
     start = time.time()
     try:

@@ -25,6 +25,7 @@ from flax import nnx  # noqa: E402
 
 from magi_jax.config import load_config  # noqa: E402
 from magi_jax.dit import DiT, forward_flops  # noqa: E402
+from magi_jax.forward_call import Captions, ForwardCall, Rows  # noqa: E402
 from magi_jax.kv_cache import KVCache  # noqa: E402
 
 
@@ -63,24 +64,21 @@ def main():
     frame0 = (cached + np.arange(r)) * cw
     t_total = np.full(r, (cached + r) * cw)
 
+    call = ForwardCall(
+        t=t,
+        kv_range=kv,
+        frame0=frame0,
+        t_total=t_total,
+        first_chunk=np.int32(cached),
+        write_count=np.int32(r * tokens),
+        distill_dt=np.float32(4.0) if cfg.engine.distill else None,
+        rows=Rows(read_cache=True, write_row=0),
+    )
+    captions = Captions(cap[None], mask[None])
+
     @jax.jit
     def forward(state, cache):
-        out, cache = nnx.merge(graphdef, state)(
-            x,
-            t,
-            cap[None],
-            mask[None],
-            kv,
-            frame0,
-            t_total,
-            cache=cache,
-            new_start=cached * tokens,
-            write_count=r * tokens,
-            distill_dt=4.0 if cfg.engine.distill else None,
-            read_cache=True,
-            write_row=0,
-        )
-        return out, cache
+        return nnx.merge(graphdef, state)(x, captions, call, cache)
 
     seconds = timeit(forward, state, cache)
     visible = (cached + (r + 1) / 2) * tokens  # mean keys per query over the block-causal window

@@ -41,9 +41,9 @@ def parity_part() -> int:
     for fx in parity.fixtures("dit"):
         guided = None
         for call in fx.meta["calls"]:
-            cfg, shape, inp, cache, ref = call_inputs(fx, call)
+            cfg, args, cache, ref = call_inputs(fx, call)
             guided = guided or jit_guided(model_of(fx), cfg)
-            out, _ = guided(shape, inp, cache)
+            out, _ = guided(*args, cache)
             tol = fx.meta["tolerance"][f"calls/{call['name']}/out"]
             diff = np.abs(np.asarray(out, np.float64) - ref["out"][0])
             ok = diff.max() <= tol["atol"] and np.sqrt((diff**2).mean()) <= tol["rms_atol"]
@@ -59,7 +59,8 @@ def parity_part() -> int:
 def speed_part(layers: int, height: int, width: int, chunks: int):
     from magi_jax.config import load_config
     from magi_jax.dit import DiT, forward_flops
-    from magi_jax.guidance import CallInputs, CallShape, jit_guided
+    from magi_jax.forward_call import Captions, Window
+    from magi_jax.guidance import ChunkGeometry, DispatchStep, jit_guided, plan_call
     from magi_jax.kv_cache import KVCache
 
     cfg = load_config("4.5B_base").replace(model=dict(num_layers=layers))
@@ -70,19 +71,20 @@ def speed_part(layers: int, height: int, width: int, chunks: int):
     model = DiT(m, rngs=nnx.Rngs(0))
     cache = KVCache.create(m.num_layers, (cached + chunks) * tokens, m.num_query_groups, m.kv_channels, m.dtype)
     rng = np.random.default_rng(0)
-    inp = CallInputs(
-        x=jnp.asarray(rng.standard_normal((m.latent_channels, chunks * cw, h, w)), jnp.float32),
-        t=jnp.linspace(0.2, 0.8, chunks, dtype=jnp.float32),
-        caption=jnp.asarray(rng.standard_normal((2 * chunks, m.caption_max_length, m.caption_channels)), jnp.float32),
-        caption_mask=jnp.ones((2 * chunks, m.caption_max_length), jnp.float32),
-        kv_range=jnp.asarray(np.stack([np.zeros(chunks), (cached + np.arange(chunks) + 1) * tokens], 1), jnp.int32),
-        slice_point=jnp.int32(cached),
-        near_clean=jnp.bool_(False),
-        extract_prefix=jnp.bool_(False),
+    x = jnp.asarray(rng.standard_normal((m.latent_channels, chunks * cw, h, w)), jnp.float32)
+    captions = Captions(
+        jnp.asarray(rng.standard_normal((2, chunks, m.caption_max_length, m.caption_channels)), jnp.float32),
+        jnp.ones((2, chunks, m.caption_max_length), jnp.float32),
     )
+    step = DispatchStep(
+        first_chunk=cached,
+        t=np.linspace(0.2, 0.8, chunks, dtype=np.float32),
+        kv_range=np.stack([np.zeros(chunks), (cached + np.arange(chunks) + 1) * tokens], 1).astype(np.int32),
+    )
+    window = Window(chunks, cache_window=cached * tokens)
+    call = plan_call(cfg, window, step, ChunkGeometry(cw // m.t_patch_size, tokens))
     guided = jit_guided(model, cfg)
-    shape = CallShape(chunks, False, False, cache_window=cached * tokens)
-    seconds = timeit(lambda: guided(shape, inp, cache)[0])
+    seconds = timeit(lambda: guided(x, captions, call, cache)[0])
     visible = int((cached + (chunks + 1) / 2) * tokens)
     flops = 2 * forward_flops(m, chunks, tokens, visible, m.caption_max_length)  # caption + null rows
     flops += forward_flops(m, chunks, tokens, tokens, m.caption_max_length)  # unconditional: each chunk alone

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from common import device_name, fmt_bytes, peak_memory_bytes, timeit  # noqa: E402
@@ -30,7 +31,8 @@ from flax import nnx  # noqa: E402
 
 from magi_jax.config import load_config  # noqa: E402
 from magi_jax.dit import DiT  # noqa: E402
-from magi_jax.guidance import CallInputs, jit_guided  # noqa: E402
+from magi_jax.forward_call import Captions  # noqa: E402
+from magi_jax.guidance import jit_guided  # noqa: E402
 from magi_jax.kv_cache import KVCache  # noqa: E402
 from magi_jax.sampler import Sampler, plan  # noqa: E402
 
@@ -75,30 +77,20 @@ def main():
 
     # the forwards the schedule needs, each distinct shape timed alone
     steps = Counter()
-    rows = {}
+    calls = {}
     for stage in plan(cfg, lay):
         for g in stage.groups:
-            steps[g.key.call] += g.count
-            rows.setdefault(g.key.call, {k: v[0] for k, v in g.arrays.items()})
+            steps[g.window] += int(g.count)
+            calls.setdefault(g.window, jax.tree.map(lambda a: a[0], g.steps.call))
     guided = jit_guided(model, cfg)
     cache = KVCache.create(m.num_layers, lay.chunk_num * lay.chunk_tokens, m.num_query_groups, m.kv_channels, m.dtype)
     c, _, h, w = lay.latent_shape
     needed = 0.0
-    for call, n in steps.items():
-        row = rows[call]
-        r = call.chunks
-        inp = CallInputs(
-            x=jnp.asarray(rng.standard_normal((c, r * lay.chunk_width, h, w)), jnp.float32),
-            t=jnp.asarray(row["t"]),
-            caption=jnp.asarray(np.concatenate([cap[0, :r], cap[1, :r]])),
-            caption_mask=jnp.asarray(np.concatenate([mask[0, :r], mask[1, :r]])),
-            kv_range=jnp.asarray(row["kv_range"]),
-            slice_point=jnp.asarray(row["slice_point"]),
-            near_clean=jnp.asarray(row["near_clean"]),
-            extract_prefix=jnp.bool_(False),
-            distill_dt=jnp.asarray(row["distill_dt"]) if cfg.engine.distill else None,
-        )
-        needed += n * timeit(lambda c=call, i=inp: guided(c, i, cache)[0])
+    for window, n in steps.items():
+        r = window.chunks
+        x = jnp.asarray(rng.standard_normal((c, r * lay.chunk_width, h, w)), jnp.float32)
+        captions = Captions(jnp.asarray(cap[:, :r]), jnp.asarray(mask[:, :r]))
+        needed += n * timeit(lambda x=x, y=captions, call=calls[window]: guided(x, y, call, cache)[0])
 
     print(f"device           {device_name()}")
     print(f"config           {args.config}: {m.num_layers} layers, hidden {m.hidden_size}, {m.params_dtype}")

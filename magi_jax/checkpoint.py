@@ -23,6 +23,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from magi_jax.tensor_file import CheckpointError
+
 META = "magi_jax.json"
 PARAMS = "params"
 
@@ -30,10 +32,6 @@ PARAMS = "params"
 # generate looks for `<released folder>.magi_jax` (what convert_torch_weights.py --out suggests)
 # before converting the released folder on the fly
 CONVERTED_SUFFIX = ".magi_jax"
-
-
-class CheckpointFormatError(ValueError):
-    """A folder that is not a magi-jax checkpoint, or one of another model or shape."""
 
 
 def _key(part) -> str:
@@ -120,7 +118,7 @@ def read_meta(path: str | os.PathLike) -> dict:
     path = Path(path)
     meta = path / META
     if not meta.exists() or not (path / PARAMS).is_dir():
-        raise CheckpointFormatError(
+        raise CheckpointError(
             f"{path} is not a magi-jax checkpoint (no {META} / {PARAMS}/); write one with convert_torch_weights.py"
         )
     return json.loads(meta.read_text())
@@ -139,7 +137,7 @@ def restore(path: str | os.PathLike, expected: dict, model: str, shardings: dict
     path = Path(path).resolve()
     meta = read_meta(path)
     if meta.get("model") != model:
-        raise CheckpointFormatError(f"{path} holds a {meta.get('model')!r} checkpoint, expected {model!r}")
+        raise CheckpointError(f"{path} holds a {meta.get('model')!r} checkpoint, expected {model!r}")
     target = {}
     for p, s in expected.items():
         sharding = shardings[p] if shardings else jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -160,7 +158,7 @@ def restore(path: str | os.PathLike, expected: dict, model: str, shardings: dict
                     f"expected {tuple(s.shape)} {np.dtype(s.dtype)}"
                 )
         if problems:
-            raise CheckpointFormatError(
+            raise CheckpointError(
                 f"{path} does not match the config ({len(problems)} problem(s)):\n  " + "\n  ".join(problems[:20])
             )
         tree = ckptr.restore(path / PARAMS, nest(target))

@@ -2,7 +2,8 @@
 
 Field names and meanings are upstream's (`model_config`, `runtime_config`, `engine_config`
 of MAGI-1's JSON files), so a released JSON loads as it is. The six released variants and
-the TINY test variant live as JSON files in `configs/` - the single source of their values;
+the TINY test variant live as upstream JSON files in `magi_jax/configs/` (installed with the
+package; `configs/` at the top of the repository links to it) - the single source of their values;
 `load_config("4.5B_base")` reads one by name, `load_config(path)` reads any file.
 
 A few runtime fields are ours (upstream reads them from environment variables): the
@@ -22,7 +23,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package; `configs/` at the top points here
 VARIANTS = ("4.5B_base", "4.5B_distill", "4.5B_distill_quant", "24B_base", "24B_distill", "24B_distill_quant", "tiny")
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

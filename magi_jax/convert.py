@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from magi_jax.safetensors_io import FLOAT_DTYPES, Checkpoint
+from magi_jax.safetensors_io import FLOAT_DTYPES
+from magi_jax.torch_weights import TorchWeights
 
 Path = tuple  # a path into a parameter tree, as nnx.State flattens it: ('blocks', 'q', 'kernel')
 
@@ -102,7 +103,7 @@ def plan(rules: Iterable[Rule], expected: dict) -> dict[str, tuple[Rule, int | N
     return by_key
 
 
-def check(ckpt: Checkpoint, by_key: dict, expected: dict, ignore: Callable[[str], bool] | None = None, source=""):
+def check(ckpt: TorchWeights, by_key: dict, expected: dict, ignore: Callable[[str], bool] | None = None, source=""):
     """Header-only validation: names every missing / unexpected / duplicate / mis-shaped key."""
     problems = []
     for key, first, second in ckpt.duplicates:
@@ -135,7 +136,7 @@ def check(ckpt: Checkpoint, by_key: dict, expected: dict, ignore: Callable[[str]
 
 
 def convert(
-    ckpt: Checkpoint,
+    ckpt: TorchWeights,
     rules: Iterable[Rule],
     expected: dict,
     ignore: Callable[[str], bool] | None = None,

@@ -35,8 +35,9 @@ from flax import nnx
 
 from magi_jax.attention import chunk_cross_attention, chunk_self_attention
 from magi_jax.config import ModelConfig
+from magi_jax.forward_call import Captions, ForwardCall
 from magi_jax.kv_cache import KVCache, read_window, write_rows
-from magi_jax.layers import LayerNorm, Linear, gelu, linear, param, silu_and_mul, softcap
+from magi_jax.layers import LayerNorm, Linear, gelu, linear, param, scan_layers, silu_and_mul, softcap, stack_layers
 from magi_jax.rope import apply_rope, rope_tables
 from magi_jax.sharding import constrain
 
@@ -155,7 +156,7 @@ class DiTLayer(nnx.Module):
         y = norm(y.reshape(s, d)) + residual.astype(f32)
         return y.astype(out.dtype).astype(self.params_dtype)
 
-    def _row(self, x, cond, caption, caption_mask, ctx: PassContext, window):
+    def _row(self, x, row: RowInputs, ctx: PassInputs, window):
         """One guidance row: x (S, D) -> (x, k, v); `window` = cache keys shared by all rows."""
         pd = self.params_dtype
         s = x.shape[0]
@@ -163,45 +164,50 @@ class DiTLayer(nnx.Module):
         h, g, dh = self.heads, self.groups, self.head_dim
 
         ln = self.attn_norm(x)
-        q = self.q(ln)
-        q = apply_rope(self.q_norm(q.reshape(s, h, dh).astype(f32)), ctx.sin, ctx.cos).astype(q.dtype)
-        k = self.k(ln)
-        k = apply_rope(self.k_norm(k.reshape(s, g, dh).astype(f32)), ctx.sin, ctx.cos).astype(k.dtype)
-        v = self.v(ln).reshape(s, g, dh)
+        with jax.named_scope("self_attention"):
+            q = self.q(ln)
+            q = apply_rope(self.q_norm(q.reshape(s, h, dh).astype(f32)), ctx.sin, ctx.cos).astype(q.dtype)
+            k = self.k(ln)
+            k = apply_rope(self.k_norm(k.reshape(s, g, dh).astype(f32)), ctx.sin, ctx.cos).astype(k.dtype)
+            v = self.v(ln).reshape(s, g, dh)
+            new_pos = ctx.first_token + jnp.arange(s, dtype=jnp.int32)
+            keys, values, pos, ok = k, v, new_pos, jnp.ones((s,), bool)
+            if window is not None:
+                kw, vw, pw, okw = window
+                keys = jnp.concatenate([kw.astype(k.dtype), k])
+                values = jnp.concatenate([vw.astype(v.dtype), v])
+                pos, ok = jnp.concatenate([pw, new_pos]), jnp.concatenate([okw, ok])
+            core = chunk_self_attention(q, keys, values, pos, ok, ctx.kv_range, s // r)
 
-        new_pos = ctx.new_start + jnp.arange(s, dtype=jnp.int32)
-        keys, values, pos, ok = k, v, new_pos, jnp.ones((s,), bool)
-        if window is not None:
-            kw, vw, pw, okw = window
-            keys = jnp.concatenate([kw.astype(k.dtype), k])
-            values = jnp.concatenate([vw.astype(v.dtype), v])
-            pos, ok = jnp.concatenate([pw, new_pos]), jnp.concatenate([okw, ok])
-        core = chunk_self_attention(q, keys, values, pos, ok, ctx.kv_range, s // r)
+        with jax.named_scope("cross_attention"):
+            xq = self.q_norm_x(self.qx(ln).reshape(s, h, dh))
+            xkv = self.kv_xattn(row.caption).reshape(*row.caption.shape[:2], g, 2, dh)
+            cross = chunk_cross_attention(xq, self.k_norm_x(xkv[..., 0, :]), xkv[..., 1, :], row.caption_mask, s // r)
 
-        xq = self.q_norm_x(self.qx(ln).reshape(s, h, dh))
-        xkv = self.kv_xattn(caption).reshape(*caption.shape[:2], g, 2, dh)
-        cross = chunk_cross_attention(xq, self.k_norm_x(xkv[..., 0, :]), xkv[..., 1, :], caption_mask, s // r)
+        with jax.named_scope("attention_out"):
+            attn = jnp.concatenate([core.reshape(s, h * dh), cross.reshape(s, h * dh)], axis=-1)
+            gates = softcap(self.ada(jax.nn.silu(row.cond.astype(f32)).astype(pd)), GATE_CAP)
+            gate_attn, gate_mlp = jnp.split(gates, 2, axis=-1)
+            x = self._gated_residual(self.proj(attn), x, gate_attn, self.attn_post_norm, r)
 
-        attn = jnp.concatenate([core.reshape(s, h * dh), cross.reshape(s, h * dh)], axis=-1)
-        gates = softcap(self.ada(jax.nn.silu(cond.astype(f32)).astype(pd)), GATE_CAP)
-        gate_attn, gate_mlp = jnp.split(gates, 2, axis=-1)
-        x = self._gated_residual(self.proj(attn), x, gate_attn, self.attn_post_norm, r)
-
-        hidden = self.fc1(self.mlp_norm(x))
-        hidden = silu_and_mul(hidden) if self.glu else gelu(hidden)
-        x = self._gated_residual(self.fc2(hidden), x, gate_mlp, self.mlp_post_norm, r)
+        with jax.named_scope("mlp"):
+            hidden = self.fc1(self.mlp_norm(x))
+            hidden = silu_and_mul(hidden) if self.glu else gelu(hidden)
+            x = self._gated_residual(self.fc2(hidden), x, gate_mlp, self.mlp_post_norm, r)
         return x, k, v
 
-    def __call__(self, x, ctx: PassContext, cache: KVCache | None, layer):
+    def __call__(self, x, ctx: PassInputs, call: ForwardCall, cache: KVCache | None, layer):
         """x (B, S, D): B guidance rows over the same tokens (different captions / AdaLN
         tokens), batched so they share one read of the cache window and one compiled body."""
+        rows = call.rows
         window = None
-        if cache is not None and ctx.read_cache:
-            window = read_window(cache, layer, ctx.new_start, ctx.cache_window or cache.rows)
-        x, k, v = jax.vmap(lambda *a: self._row(*a, ctx, window))(x, ctx.cond, ctx.caption, ctx.caption_mask)
-        if cache is not None and ctx.write_row is not None:
-            b, row = ctx.write_block, ctx.write_row
-            cache = write_rows(cache, layer, ctx.new_start, k[row, :b], v[row, :b], ctx.write_count)
+        if cache is not None and rows.read_cache:
+            window = read_window(cache, layer, ctx.first_token, call.window.cache_window or cache.rows)
+        x, k, v = jax.vmap(lambda xb, rb: self._row(xb, rb, ctx, window))(x, ctx.rows)
+        if cache is not None and rows.write_row is not None:
+            b = x.shape[1] if rows.write_bound is None else rows.write_bound
+            row = rows.write_row
+            cache = write_rows(cache, layer, ctx.first_token, k[row, :b], v[row, :b], call.write_count)
         return x, cache
 
 
@@ -209,33 +215,20 @@ class LayerStack(nnx.Module):
     """`count` identical layers (upstream indices first..first+count-1) on a leading axis."""
 
     def __init__(self, cfg: ModelConfig, first: int, count: int, quantized: bool, rngs=None):
-        def make(r):
-            return DiTLayer(cfg, quantized, rngs=r)
-
-        if rngs is None:
-            self.layers = nnx.vmap(lambda _: make(None), in_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})(
-                jnp.arange(count)
-            )
-        else:
-            self.layers = nnx.split_rngs(splits=count)(
-                nnx.vmap(make, in_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-            )(rngs)
+        self.layers = stack_layers(lambda r: DiTLayer(cfg, quantized, rngs=r), count, rngs)
         self.first, self.count, self.quantized = first, count, quantized
         self.remat = False  # training: recompute each layer in the backward pass (train.Trainer sets it)
 
-    def __call__(self, x, ctx, cache):
-        graphdef, state = nnx.split(self.layers)
-
-        def body(carry, xs):
+    def __call__(self, x, ctx: PassInputs, call: ForwardCall, cache):
+        def body(layer, carry, index):
             h, c = carry
-            layer_state, index = xs
-            h, c = nnx.merge(graphdef, layer_state)(h, ctx, c, index)
+            h, c = layer(h, ctx, call, c, index)
             return (constrain(h, (None, "tokens", "embed")), c), None
 
         if self.remat:  # keep only each layer's input for the backward pass, not its activations
             body = jax.checkpoint(body, prevent_cse=False)
         index = self.first + jnp.arange(self.count, dtype=jnp.int32)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (state, index))
+        (x, cache), _ = scan_layers(self.layers, body, (x, cache), index, name="dit_layer")
         return x, cache
 
 
@@ -247,22 +240,26 @@ def layer_segments(cfg: ModelConfig, fp8_quant: bool) -> list[tuple[int, int, bo
     return [(0, 1, False), (1, n - 2, True), (n - 1, 1, False)]
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PassContext:
-    """Per-pass values every layer reads (built once per forward, closed over by the scan)."""
+class RowInputs:
+    """What differs between guidance rows (leading B axis in PassInputs)."""
+
+    cond: jax.Array  # (R, Dc) AdaLN condition per chunk
+    caption: jax.Array  # (R, L, Dx) projected caption tokens
+    caption_mask: jax.Array  # (R, L)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PassInputs:
+    """Traced per-pass values every layer reads (built once per forward, closed over by the scan)."""
 
     sin: jax.Array  # (S, 3*nb) rope tables
     cos: jax.Array
-    cond: jax.Array  # (B, R, Dc) AdaLN condition per guidance row and chunk
-    caption: jax.Array  # (B, R, L, Dx) projected caption tokens
-    caption_mask: jax.Array  # (B, R, L)
+    rows: RowInputs  # (B, ...) per guidance row
     kv_range: jax.Array  # (R, 2) int32
-    new_start: jax.Array  # () int32
-    write_count: jax.Array  # () int32
-    write_block: int  # leading tokens that may be written (static: the near-clean copy never is)
-    read_cache: bool
-    write_row: int | None  # the guidance row whose keys/values go to the cache (None: no write)
-    cache_window: int | None
+    first_token: jax.Array  # () int32 global position of the pass's first token
 
 
 class DiT(nnx.Module):
@@ -298,80 +295,60 @@ class DiT(nnx.Module):
         x = tokens.reshape(t // pt, hh // p, ww // p, pt, p, p, -1).transpose(6, 0, 3, 1, 4, 2, 5)
         return x.reshape(-1, t, hh, ww)
 
-    def __call__(
-        self,
-        x,
-        t,
-        caption,
-        caption_mask,
-        kv_range,
-        frame0,
-        t_total,
-        *,
-        cache: KVCache | None = None,
-        new_start=0,
-        write_count=0,
-        write_block: int | None = None,
-        distill_dt=None,
-        drop_caption: tuple[bool, ...] = (False,),
-        read_cache: bool = False,
-        write_row: int | None = None,
-        cache_window: int | None = None,
-    ):
+    def __call__(self, x, captions: Captions, call: ForwardCall, cache: KVCache | None = None):
         """One forward over R chunks for B guidance rows. Returns (velocity, cache).
 
         x (C, T, H, W) latent shared by the rows, any float dtype (the rescale happens in it,
-        as upstream); t (R,) flow time per chunk;
-        caption (B, R, L, Cc), caption_mask (B, R, L): each row's caption per chunk;
-        drop_caption: per row, AdaLN from the dropped-caption token (null caption passes);
-        kv_range (R, 2) global [start, end) of the keys each chunk sees;
-        frame0, t_total (R,) rope time origin per chunk (see rope.py);
-        new_start: global position of this pass's first token (= cache row it writes from);
-        read_cache: attend to cache rows below new_start (`cache_window` of them; None: all);
-        write_row: the row whose keys/values are written to the cache (None: no write);
-        write_count: how many tokens to write, write_block: its static bound (default: all);
-        distill_dt: the distilled model's step size (required iff the model is distilled).
+        as upstream); captions (B, R, L, Cc) / (B, R, L): each row's caption per chunk;
+        call: the chunks' times, key ranges, rope positions, cache use and guidance rows
+        (forward_call.py); cache: read and written as `call.rows` says (None: no cache).
         Velocity: (B, C, T, H, W) float32.
         """
         cfg = self.cfg
         pd = cfg.dtype
         c, tt, hh, ww = x.shape
-        r = t.shape[0]
-        b = len(drop_caption)
-        x = (x.astype(f32) * f32(cfg.x_rescale_factor)).astype(x.dtype)
-        if cfg.half_channel_vae:
-            x = jnp.concatenate([x, x], axis=0)
-        tokens = self.x_embedder(self._patchify(x.astype(f32))).astype(pd)
+        r = call.chunks
+        if captions.tokens.shape[:2] != (call.rows.count, r):
+            raise ValueError(
+                f"captions for {captions.tokens.shape[:2]} (rows, chunks); the call has "
+                f"{call.rows.count} guidance rows over {r} chunks"
+            )
+        with jax.named_scope("patch_embed"):
+            x = (x.astype(f32) * f32(cfg.x_rescale_factor)).astype(x.dtype)
+            if cfg.half_channel_vae:
+                x = jnp.concatenate([x, x], axis=0)
+            tokens = self.x_embedder(self._patchify(x.astype(f32))).astype(pd)
 
         p, pt = cfg.patch_size, cfg.t_patch_size
-        sin, cos = rope_tables(self.rope_bands[...], frame0, t_total, tt // pt // r, hh // p, ww // p)
-        t_emb = self.t_embedder(t)
-        if self.distill:
-            if distill_dt is None:
-                raise ValueError("a distilled DiT needs distill_dt (the step size of the shortcut schedule)")
-            t_emb = t_emb + self.t_embedder(jnp.broadcast_to(jnp.asarray(distill_dt, f32), t.shape))
-        adaln = jnp.stack([self.y_embedder.adaln_token(drop) for drop in drop_caption])
-        cond = (t_emb[None] + adaln[:, None]).astype(pd)
+        with jax.named_scope("rope"):
+            sin, cos = rope_tables(self.rope_bands[...], call.frame0, call.t_total, tt // pt // r, hh // p, ww // p)
+        with jax.named_scope("condition_embed"):
+            t_emb = self.t_embedder(call.t)
+            if self.distill:
+                if call.distill_dt is None:
+                    raise ValueError("a distilled DiT needs distill_dt (the step size of the shortcut schedule)")
+                dt = jnp.broadcast_to(jnp.asarray(call.distill_dt, f32), call.t.shape)
+                t_emb = t_emb + self.t_embedder(dt)
+            adaln = jnp.stack([self.y_embedder.adaln_token(drop) for drop in call.rows.drop_caption])
+            cond = (t_emb[None] + adaln[:, None]).astype(pd)
+        with jax.named_scope("caption_embed"):
+            caption = self.y_embedder.tokens(captions.tokens).astype(pd)
 
-        ctx = PassContext(
+        s = tokens.shape[0]
+        ctx = PassInputs(
             sin=sin,
             cos=cos,
-            cond=cond,
-            caption=self.y_embedder.tokens(caption).astype(pd),
-            caption_mask=caption_mask,
-            kv_range=kv_range.astype(jnp.int32),
-            new_start=jnp.asarray(new_start, jnp.int32),
-            write_count=jnp.asarray(write_count, jnp.int32),
-            write_block=tokens.shape[0] if write_block is None else write_block,
-            read_cache=read_cache,
-            write_row=write_row,
-            cache_window=cache_window,
+            rows=RowInputs(cond, caption, captions.mask),
+            kv_range=call.kv_range.astype(jnp.int32),
+            first_token=jnp.asarray(call.first_chunk, jnp.int32) * (s // r),
         )
+        b = call.rows.count
         h = constrain(jnp.broadcast_to(tokens[None], (b, *tokens.shape)), (None, "tokens", "embed"))
         for segment in self.segments:
-            h, cache = segment(h, ctx, cache)
-        out = self.final_linear(self.final_norm(h.astype(f32)))
-        out = jax.vmap(lambda o: self._unpatchify(o, tt, hh, ww))(out)
+            h, cache = segment(h, ctx, call, cache)
+        with jax.named_scope("final_layer"):
+            out = self.final_linear(self.final_norm(h.astype(f32)))
+            out = jax.vmap(lambda o: self._unpatchify(o, tt, hh, ww))(out)
         if cfg.half_channel_vae:
             out = out[:, : cfg.latent_channels]
         return out / f32(cfg.x_rescale_factor), cache

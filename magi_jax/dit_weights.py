@@ -15,15 +15,13 @@ Per-layer keys are stacked on the scanned layer axis of their segment.
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from magi_jax.config import MagiConfig
-from magi_jax.convert import IDENTITY, LINEAR, Rule, Transform, convert
+from magi_jax.convert import IDENTITY, LINEAR, Rule, Transform
 from magi_jax.dit import DiT, layer_segments, output_projection_order
-from magi_jax.safetensors_io import open_checkpoint
+from magi_jax.tensor_file import CheckpointError
+from magi_jax.weights import abstract_model, build_model, convert_torch, expected_leaves
 
 FP8_WEIGHT = Transform("fp8 weight (1,out,in)->(in,out)", lambda a: a[0].T, lambda s: (1, s[1], s[0]))
 
@@ -119,22 +117,13 @@ def _layer_rules(seg: int, layers: range, quant: bool, perm) -> list[Rule]:
 
 def abstract_dit(config: MagiConfig) -> DiT:
     """The model's structure with shapes and dtypes only: nothing is allocated."""
-    return nnx.eval_shape(lambda: DiT(config.model, fp8_quant=config.engine.fp8_quant, distill=config.engine.distill))
-
-
-def expected_leaves(abstract: DiT) -> dict:
-    return {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(abstract))}
+    e = config.engine
+    return abstract_model(lambda: DiT(config.model, fp8_quant=e.fp8_quant, distill=e.distill))
 
 
 def convert_dit(src, config: MagiConfig, progress=None) -> dict[tuple, np.ndarray]:
     """Reads an upstream DiT checkpoint (file or folder) into {our path: numpy array}."""
-    ckpt = open_checkpoint(src)
-    try:
-        return convert(
-            ckpt, dit_rules(config), expected_leaves(abstract_dit(config)), progress=progress, source=str(src)
-        )
-    finally:
-        ckpt.close()
+    return convert_torch(src, dit_rules(config), abstract_dit(config), progress=progress)
 
 
 def build_dit(config: MagiConfig, arrays: dict, shardings: dict | None = None) -> DiT:
@@ -143,12 +132,7 @@ def build_dit(config: MagiConfig, arrays: dict, shardings: dict | None = None) -
     With `shardings` ({path: Sharding}) each host array goes straight into its shards, so
     no device ever holds a whole copy of a sharded weight.
     """
-    abstract = abstract_dit(config)
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    put = (lambda p, a: jax.device_put(a, shardings[p])) if shardings else (lambda p, a: jnp.asarray(a))
-    filled = [(path, var.replace(value=put(path, arrays[path]))) for path, var in flat]
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+    return build_model(abstract_dit(config), arrays, shardings)
 
 
 def _variant_flags(distill: bool, fp8: bool) -> str:
@@ -182,7 +166,7 @@ def check_weight_kind(path, config: MagiConfig) -> None:
         theirs = ("distill" in parts[1:], "fp8" in parts[1:])
         origin = "holds"
     if theirs != ours:
-        raise checkpoint.CheckpointFormatError(
+        raise CheckpointError(
             f"{path} {origin} {_variant_flags(*theirs)} weights, but the config is a {_variant_flags(*ours)} model "
             f"(engine_config.distill={ours[0]}, fp8_quant={ours[1]}, cfg_number={config.runtime.cfg_number}); "
             f"pass the config these weights belong to, or the {_variant_flags(*ours)} weights"
@@ -207,7 +191,7 @@ def load_dit(path, config: MagiConfig, mesh=None, progress=None) -> DiT:
         ours = config.to_dict()["model_config"]
         if stored is not None and stored != ours:
             diff = sorted(k for k in ours if stored.get(k) != ours[k])
-            raise checkpoint.CheckpointFormatError(
+            raise CheckpointError(
                 f"{path} was converted for another model config (differs in {', '.join(diff)}); "
                 f"convert the weights for this config or pass the config they were made with"
             )

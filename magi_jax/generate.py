@@ -221,22 +221,21 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
-    from magi_jax.checkpoint import CheckpointFormatError
     from magi_jax.convert import ConversionError
     from magi_jax.memory_plan import MemoryPlanError
-    from magi_jax.safetensors_io import CheckpointError
     from magi_jax.sampler import NonFiniteError
     from magi_jax.sharding import MeshError, maybe_initialize_distributed
+    from magi_jax.tensor_file import CheckpointError
     from magi_jax.vae import VaeConfigError
     from magi_jax.video_io import MediaError
 
     # what a user can fix: told in one line (conversion errors list the keys), never a traceback
-    weights_errors = (CheckpointFormatError, CheckpointError, ConversionError, VaeConfigError, FileNotFoundError)
+    weights_errors = (CheckpointError, ConversionError, VaeConfigError, FileNotFoundError)
     args = parse_args(argv)
     maybe_initialize_distributed()  # on a pod: every host runs this same command
     try:
         plan = resolve(args)
-    except (UsageError, ConfigError, MediaError, MeshError, MemoryPlanError, CheckpointFormatError) as e:
+    except (UsageError, ConfigError, MediaError, MeshError, MemoryPlanError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from magi_jax.pipeline import run

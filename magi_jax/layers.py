@@ -145,3 +145,30 @@ def silu_and_mul(x):
 
 def softcap(x, cap: float):
     return (cap * jnp.tanh(x.astype(jnp.float32) / cap)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- stacked layers
+
+
+def stack_layers(make, count: int, rngs=None):
+    """`count` copies of the layer `make(rngs)` builds, parameters on a leading axis named
+    "layers" (sharding.RULES replicates it), ready for `scan_layers`. rngs None: abstract or
+    to-be-filled layers (make gets None)."""
+    vmap = dict(in_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    if rngs is None:
+        return nnx.vmap(lambda _: make(None), **vmap)(jnp.arange(count))
+    return nnx.split_rngs(splits=count)(nnx.vmap(make, **vmap))(rngs)
+
+
+def scan_layers(layers, body, carry, xs=None, name: str = "layer"):
+    """Runs stacked `layers` in order with one lax.scan: `body(layer, carry, x) -> (carry, y)`
+    per layer, x the layer's slice of `xs`. Returns (carry, ys). One compiled layer body,
+    whatever the depth; `name` is the layer's scope in profiles."""
+    graphdef, state = nnx.split(layers)
+
+    def step(c, inputs):
+        layer_state, x = inputs
+        with jax.named_scope(name):
+            return body(nnx.merge(graphdef, layer_state), c, x)
+
+    return jax.lax.scan(step, carry, (state, xs))

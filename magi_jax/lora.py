@@ -35,6 +35,7 @@ from flax import nnx
 
 from magi_jax.config import MagiConfig
 from magi_jax.layers import Linear
+from magi_jax.tensor_file import CheckpointError
 
 f32 = jnp.float32
 TARGET_GROUPS = {"attn": ("q", "k", "v", "proj"), "cross": ("qx", "kv_xattn"), "mlp": ("fc1", "fc2")}
@@ -162,7 +163,7 @@ def read_lora_config(path) -> tuple[LoRAConfig, dict]:
 
     try:
         meta = checkpoint.read_meta(path)
-    except checkpoint.CheckpointFormatError:
+    except CheckpointError:
         raise LoRAError(
             f"{path} is not a LoRA adapter (no magi_jax.json / params/); write one with magi_jax.train"
         ) from None
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
         flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
         meta = config.to_dict() | {"merged_lora": [f"{p}:{s}" for p, s in adapters]}
         checkpoint.save(flat, out, "dit", meta, overwrite=args.overwrite, dtype=config.model.params_dtype)
-    except (LoRAError, ConfigError, checkpoint.CheckpointFormatError, FileNotFoundError) as e:
+    except (LoRAError, ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}", file=sys.stderr)

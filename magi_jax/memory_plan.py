@@ -92,7 +92,7 @@ def plan_memory(config: MagiConfig, mesh_sizes: dict | None = None, prefix_frame
     largest = 0
     for stage in plan(config, lay):
         for group in stage.groups:
-            call = group.key.call
+            call = group.window
             r = call.chunks + int(call.near_clean_copy)
             n = lay.chunk_tokens
             s = r * n // seq  # tokens of this device
@@ -142,27 +142,30 @@ def compiled_step_memory(config: MagiConfig, prefix_frames: int = 0) -> int:
     KV cache, inputs), temporaries and outputs, from compiling on abstract shapes (nothing
     is allocated). The reference `plan_memory` is checked against."""
     from magi_jax.dit_weights import abstract_dit
-    from magi_jax.sampler import RunInputs, SamplerState, _advance, layout, plan
+    from magi_jax.forward_call import Captions
+    from magi_jax.sampler import Program, RunInputs, SamplerState, advance, layout, plan
 
     m = config.model
     lay = layout(config, prefix_frames)
     groups = [g for stage in plan(config, lay) for g in stage.groups]
-    big = max(groups, key=lambda g: g.key.call.chunks + g.key.call.near_clean_copy)
+    big = max(groups, key=lambda g: g.window.chunks + g.window.near_clean_copy)
     graphdef, params = nnx.split(abstract_dit(config))
     sds = jax.ShapeDtypeStruct
     rows = lay.chunk_num * lay.chunk_tokens
     cache = KVCache(*(sds((m.num_layers, rows, m.num_query_groups, m.kv_channels), m.dtype) for _ in range(2)))
     state = SamplerState(sds(lay.latent_shape, jnp.float32), cache)
     run = RunInputs(
-        sds((2, lay.chunk_num, m.caption_max_length, m.caption_channels), jnp.float32),
-        sds((2, lay.chunk_num, m.caption_max_length), jnp.float32),
+        Captions(
+            sds((2, lay.chunk_num, m.caption_max_length, m.caption_channels), jnp.float32),
+            sds((2, lay.chunk_num, m.caption_max_length), jnp.float32),
+        ),
         sds(lay.latent_shape, jnp.float32),
         sds((), jnp.int32),
     )
-    arrays = jax.tree.map(lambda a: sds(a.shape, a.dtype), big.arrays)
-    step = jax.jit(lambda p, s, r, a, f, n: _advance(graphdef, config, big.key, p, s, r, a, f, n), donate_argnums=1)
+    group = jax.tree.map(lambda a: sds(np.shape(a), np.asarray(a).dtype), big)
+    step = jax.jit(advance, static_argnums=0, donate_argnums=2)
     abstract = jax.tree.map(lambda a: sds(a.shape, a.dtype), params)
-    compiled = step.lower(abstract, state, run, arrays, sds((), jnp.int32), sds((), jnp.int32)).compile()
+    compiled = step.lower(Program(graphdef, config), abstract, state, run, group).compile()
     ma = compiled.memory_analysis()
     return ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
 

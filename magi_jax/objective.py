@@ -5,7 +5,7 @@ Conventions (from the inference code, which the technical report leaves implicit
     sampler, which walk t from 0 up to 1);
   * x_t = t * x1 + (1 - t) * x0 for clean latents x1 and Gaussian noise x0, and the model
     predicts the velocity v = dx_t/dt = x1 - x0: the sampler's Euler step is
-    x <- x + v * (t_next - t) (`sampler._advance`, upstream's `integrate`);
+    x <- x + v * (t_next - t) (`sampler.advance`, upstream's `integrate`);
   * times are drawn as u ~ U(0, 1) and warped with the sampler's own schedule (upstream's
     "sd3" transform of u^2 with shift 3, `warp_time`), so training sees noise levels with the
     density the sampler visits them.
@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from magi_jax.config import MagiConfig
+from magi_jax.forward_call import Captions, ForwardCall, Window
 from magi_jax.special_tokens import NULL_CAPTION_TOKENS
 
 f32 = jnp.float32
@@ -128,12 +129,28 @@ def null_caption_of(*states):
     raise KeyError("the model has no y_embedder.null_caption")
 
 
+def clip_call(t, frames: int, tokens: int, span: int | None = None, distill_dt=None) -> ForwardCall:
+    """The forward call of a whole clip: R chunks of `frames` token frames (`tokens` tokens)
+    each, block-causal key ranges (at most `span` chunks back), rope positions of a sampler
+    window that starts at the video's first chunk, no KV cache."""
+    r = t.shape[0]
+    return ForwardCall(
+        t=t,
+        kv_range=jnp.asarray(block_causal_ranges(r, tokens, span)),
+        frame0=jnp.arange(r, dtype=jnp.int32) * frames,
+        t_total=jnp.full((r,), r * frames, jnp.int32),
+        first_chunk=jnp.int32(0),
+        write_count=jnp.int32(0),
+        distill_dt=distill_dt,
+        window=Window(r),
+    )
+
+
 def clip_velocity(model, config: MagiConfig, x, t, caption, mask, span: int | None, distill_e=None):
     """The training forward: one block-causal DiT pass over a whole clip (no KV cache).
 
     x (C, T, h, w) noisy latents, t (R,) per-chunk flow times, caption (R, L, Cc) and mask
-    (R, L) per chunk, distill_e the step-size embedding value (distilled models). Rope frames
-    and key ranges are those of a sampler window that starts at the video's first chunk.
+    (R, L) per chunk, distill_e the step-size embedding value (distilled models).
     -> velocity (C, T, h, w) float32.
     """
     m = config.model
@@ -141,10 +158,8 @@ def clip_velocity(model, config: MagiConfig, x, t, caption, mask, span: int | No
     c, frames_all, h, w = x.shape
     frames = frames_all // r // m.t_patch_size
     tokens = frames * (h // m.patch_size) * (w // m.patch_size)
-    kv = jnp.asarray(block_causal_ranges(r, tokens, span))
-    frame0 = jnp.arange(r, dtype=jnp.int32) * frames
-    t_total = jnp.full((r,), r * frames, jnp.int32)
-    out, _ = model(x, t, caption[None], mask[None], kv, frame0, t_total, distill_dt=distill_e)
+    call = clip_call(t, frames, tokens, span, distill_e)
+    out, _ = model(x, Captions(caption[None], mask[None]), call)
     return out[0]
 
 

@@ -1,18 +1,11 @@
-"""Lazy reading of PyTorch checkpoints stored as safetensors, without torch.
+"""The safetensors file format: lazy reading without torch, and writing (for tests and tools).
 
 Why our own reader: the `safetensors` package hands numpy/flax arrays only for dtypes
 numpy knows, and the released fp8 checkpoints hold `float8_e4m3fn` tensors (it fails on
 them). The format is an 8-byte little-endian header length, a JSON header, then raw
 bytes; we memory-map the file and view each tensor on demand with `ml_dtypes`, so a
 converter touches one tensor at a time and never holds a second copy of a 24B model.
-
-Sources understood by `open_checkpoint`:
-  * a single `.safetensors` file (or `.safetensors.zst`);
-  * a folder with `model.safetensors.index.json` (shards listed in its weight_map, each
-    optionally `.zst`-compressed as upstream's release does);
-  * a folder holding exactly one `*.safetensors[.zst]` file;
-  * PyTorch `.bin` state dicts (a file, or a folder with `pytorch_model.bin.index.json`),
-    read without torch by torch_bin.py.
+Folders, shards and torch `.bin` files are put together by torch_weights.py.
 """
 
 from __future__ import annotations
@@ -22,12 +15,12 @@ import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from magi_jax.tensor_file import CheckpointError, TensorInfo
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -45,21 +38,6 @@ _DTYPES = {
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 FLOAT_DTYPES = frozenset(_DTYPES[k] for k in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"))
-
-INDEX_NAME = "model.safetensors.index.json"
-BIN_INDEX_NAME = "pytorch_model.bin.index.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder is missing, malformed or inconsistent."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    key: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    file: Path
 
 
 class SafetensorsFile:
@@ -171,123 +149,6 @@ class SafetensorsFile:
             self.close()
         except Exception:
             pass
-
-
-class Checkpoint:
-    """All tensors of a (possibly sharded) checkpoint, opened one shard at a time."""
-
-    def __init__(self, files: list[Path], key_to_file: dict[str, Path] | None = None, index_path=None):
-        self.files = files
-        self.index_path = index_path
-        self._open: dict[Path, SafetensorsFile] = {}
-        self._key_to_file: dict[str, Path] = {}
-        self.duplicates: list[tuple[str, Path, Path]] = []
-        for path in files:
-            try:
-                sf = self._file(path)
-            except CheckpointError as e:
-                held = sorted(k for k, p in (key_to_file or {}).items() if p == path)
-                if not held:
-                    raise
-                more = f" and {len(held) - 3} more" if len(held) > 3 else ""
-                raise CheckpointError(f"{e} [the index puts {', '.join(map(repr, held[:3]))}{more} in it]") from None
-            for k in sf.keys():
-                if k in self._key_to_file:
-                    self.duplicates.append((k, self._key_to_file[k], path))
-                    continue
-                self._key_to_file[k] = path
-        if key_to_file is not None:
-            for k, path in key_to_file.items():
-                if k not in self._key_to_file:
-                    raise CheckpointError(
-                        f"{index_path}: lists {k!r} in {path.name}, but that shard has no such tensor"
-                    )
-            extra = sorted(set(self._key_to_file) - set(key_to_file))
-            if extra:
-                raise CheckpointError(f"{index_path}: shards hold tensors the index does not list: {extra[:5]}")
-
-    def _file(self, path: Path):
-        if path not in self._open:
-            if path.name.endswith(".bin"):
-                from magi_jax.torch_bin import TorchBinFile
-
-                self._open[path] = TorchBinFile(path)
-            else:
-                self._open[path] = SafetensorsFile(path)
-        return self._open[path]
-
-    def keys(self) -> list[str]:
-        return list(self._key_to_file)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._key_to_file
-
-    def info(self, key: str) -> TensorInfo:
-        return self._file(self._key_to_file[key]).info(key)
-
-    def get(self, key: str) -> np.ndarray:
-        return self._file(self._key_to_file[key]).get(key)
-
-    def keys_by_file(self) -> Iterator[tuple[Path, list[str]]]:
-        """Keys grouped per shard, in shard order (for progress over shards)."""
-        for path in self.files:
-            yield path, [k for k, p in self._key_to_file.items() if p == path]
-
-    def release(self, path: Path):
-        """Close one shard once its tensors were consumed (frees its decompressed copy)."""
-        sf = self._open.pop(path, None)
-        if sf is not None:
-            sf.close()
-
-    def close(self):
-        for path in list(self._open):
-            self.release(path)
-
-
-def _is_safetensors(p: Path) -> bool:
-    return p.name.endswith(".safetensors") or p.name.endswith(".safetensors.zst")
-
-
-def _is_weights(p: Path) -> bool:
-    return _is_safetensors(p) or p.name.endswith(".bin")
-
-
-def open_checkpoint(src: str | os.PathLike) -> Checkpoint:
-    """Opens a safetensors file, a sharded folder with an index, or a folder with one file."""
-    src = Path(src)
-    if not src.exists():
-        raise CheckpointError(
-            f"{src}: no such file or folder (expected a .safetensors file or a folder with {INDEX_NAME})"
-        )
-    if src.is_file():
-        if not _is_weights(src):
-            raise CheckpointError(f"{src}: not a .safetensors, .safetensors.zst or torch .bin file")
-        return Checkpoint([src])
-    index = src / INDEX_NAME
-    if not index.exists() and (src / BIN_INDEX_NAME).exists():
-        index = src / BIN_INDEX_NAME
-    if index.exists():
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: has no weight_map")
-        key_to_file = {}
-        for key, name in weight_map.items():
-            path = src / name
-            if not path.exists() and (src / (name + ".zst")).exists():
-                path = src / (name + ".zst")
-            if not path.exists():
-                raise CheckpointError(f"{index}: shard {name} (for {key!r}) is missing from {src}")
-            key_to_file[key] = path
-        files = sorted(set(key_to_file.values()), key=lambda p: p.name)
-        return Checkpoint(files, key_to_file, index)
-    found = sorted(p for p in src.iterdir() if _is_safetensors(p))
-    found = found or sorted(p for p in src.iterdir() if p.name.endswith(".bin"))
-    if len(found) != 1:
-        raise CheckpointError(
-            f"{src}: expected {INDEX_NAME} (or {BIN_INDEX_NAME}) or exactly one weights file, found {len(found)}"
-        )
-    return Checkpoint(found)
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None):

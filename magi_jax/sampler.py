@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,7 +40,8 @@ from flax import nnx
 from magi_jax import schedule, sharding
 from magi_jax.config import ConfigError, MagiConfig
 from magi_jax.dit import DiT
-from magi_jax.guidance import CallInputs, CallShape, guided_velocity
+from magi_jax.forward_call import NULL_ROW, Captions, ForwardCall, Window
+from magi_jax.guidance import ChunkGeometry, DispatchStep, guided_velocity, plan_call
 from magi_jax.kv_cache import KVCache
 
 f32 = np.float32
@@ -107,27 +109,37 @@ def layout(config: MagiConfig, prefix_frames: int = 0) -> Layout:
     return Layout(chunk_num, prefix_frames // cw, prefix_frames, cw, (m.latent_channels, chunk_num * cw, h, w), tokens)
 
 
+@jax.tree_util.register_dataclass
 @dataclass(frozen=True)
-class WindowKey:
-    """The static shape of a group of steps: one compilation each."""
+class StepPlan:
+    """One sampler step; in a `Group` every array has a leading axis over the group's steps."""
 
-    call: CallShape
-    slots: int  # rows of the per-step plan arrays (steps per stage)
+    call: ForwardCall  # the guided call: window, flow times, key ranges, rope, cache writes
+    dt: jax.Array  # (D,) float32 flow-time increment of each denoising chunk
+    near_clean: jax.Array  # () bool: first denoising chunk past the distill threshold (upstream's flag)
 
 
-@dataclass
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
 class Group:
-    """Consecutive steps of one stage that share a window shape."""
+    """Consecutive steps of one stage that share a window shape: one compilation each.
 
-    key: WindowKey
-    first_chunk: int  # first denoising chunk of the stage
-    count: int
-    arrays: dict  # per-step arrays, padded to key.slots rows
+    `steps` is padded to the stage's step count by repeating its last step, so groups of
+    one window shape share one compiled loop; only the first `count` run.
+    """
+
+    steps: StepPlan  # (slots, ...)
+    first_chunk: jax.Array | int  # first denoising chunk of the stage
+    count: jax.Array | int  # steps that run
+
+    @property
+    def window(self) -> Window:
+        return self.steps.call.window
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stage:
-    groups: list
+    groups: list[Group]
     done_chunk: int | None  # chunk that leaves the window clean after this stage
 
 
@@ -172,8 +184,12 @@ def cache_window_rows(config: MagiConfig, lay: Layout) -> int:
     return max(1, widest - 1) * lay.chunk_tokens
 
 
+def chunk_geometry(config: MagiConfig, lay: Layout) -> ChunkGeometry:
+    return ChunkGeometry(lay.chunk_width // config.model.t_patch_size, lay.chunk_tokens)
+
+
 def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
-    """Every step of the run, grouped by window shape, as host arrays."""
+    """Every step of the run as typed host records, grouped by window shape."""
     rt, eng = config.runtime, config.engine
     n, win, cw = rt.num_steps, rt.window_size, lay.chunk_width
     per_stage = n // win
@@ -182,16 +198,17 @@ def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
     table = schedule.stage_table(lay.chunk_num, win, lay.clean_chunks)
     distilled = rt.cfg_number == 1
     window_rows = cache_window_rows(config, lay)
+    geometry = chunk_geometry(config, lay)
     counts = np.zeros(lay.chunk_num, int)
     stages = []
     for stage in range(table.shape[1]):
         cs, ce, ts, te = (int(v) for v in table[:, stage])
-        steps = []
+        groups: list[tuple[Window, list[StepPlan]]] = []
         for idx in range(per_stage):
             extra = cs > lay.clean_chunks and idx == 0
             denoise_steps = [j * per_stage + idx for j in range(ts, te)][::-1]
             t = t_sched[denoise_steps]
-            t_next = t_sched[[s + 1 for s in denoise_steps]]
+            dt = (t_sched[[s + 1 for s in denoise_steps]] - t).astype(f32)
             slice_point = cs - 1 if extra else cs
             if extra:
                 t = np.concatenate([np.array([rt.clean_t], f32), t])
@@ -202,39 +219,29 @@ def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
             if lay.prefix_frames > prefix_start:
                 t[: (lay.prefix_frames - prefix_start) // cw] = 1.0
             near_clean = float(t[int(extra)]) > eng.distill_nearly_clean_chunk_threshold
-            steps.append(
-                dict(
-                    extra=extra,
-                    near_clean=near_clean,
-                    arrays=dict(
-                        t=t.astype(f32),
-                        kv_range=kv,
-                        slice_point=np.int32(slice_point),
-                        near_clean=np.bool_(near_clean),
-                        distill_dt=schedule.distill_dt(n, intervals[idx]),
-                        dt=(t_next - t_sched[[j * per_stage + idx for j in range(ts, te)][::-1]]).astype(f32),
-                    ),
-                )
-            )
-        groups = []
-        for s in steps:
-            call = CallShape(
-                chunks=ce - cs + int(s["extra"]),
-                fwd_extra_1st_chunk=s["extra"],
-                near_clean_copy=distilled and s["near_clean"],
+            window = Window(
+                chunks=ce - cs + int(extra),
+                extra_clean_chunk=extra,
+                near_clean_copy=distilled and near_clean,
                 cache_window=window_rows,
             )
-            key = WindowKey(call, per_stage)
-            if groups and groups[-1][0] == key:
-                groups[-1][1].append(s["arrays"])
+            dispatch = DispatchStep(
+                first_chunk=slice_point,
+                t=t,
+                kv_range=kv,
+                near_clean=near_clean,
+                distill_dt=schedule.distill_dt(n, intervals[idx]) if eng.distill else None,
+            )
+            step = StepPlan(plan_call(config, window, dispatch, geometry), dt, np.bool_(near_clean))
+            if groups and groups[-1][0] == window:
+                groups[-1][1].append(step)
             else:
-                groups.append((key, [s["arrays"]]))
+                groups.append((window, [step]))
         stage_groups = []
-        for key, rows in groups:
-            stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-            pad = key.slots - len(rows)
-            stacked = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in stacked.items()}
-            stage_groups.append(Group(key, cs, len(rows), stacked))
+        for _, steps in groups:
+            padded = steps + [steps[-1]] * (per_stage - len(steps))
+            stacked = jax.tree.map(lambda *a: np.stack(a), *padded)
+            stage_groups.append(Group(stacked, np.int32(cs), np.int32(len(steps))))
         counts[cs:ce] += per_stage
         done = cs if counts[cs] == n else None
         stages.append(Stage(stage_groups, done))
@@ -258,10 +265,18 @@ class SamplerState:
 class RunInputs:
     """Constant inputs of a run."""
 
-    caption: jax.Array  # (2, chunks, L, Cc): caption rows, then null-caption rows
-    caption_mask: jax.Array  # (2, chunks, L)
+    captions: Captions  # (2, chunks, L, Cc): row 0 the caption, row 1 the null caption
     prefix: jax.Array  # (C, T, h, w) float32 prefix frames (zeros past prefix_frames)
     prefix_frames: jax.Array  # () int32
+
+
+@dataclass(frozen=True)
+class Program:
+    """The static part of a compiled sampler step (a jit static argument)."""
+
+    graphdef: nnx.GraphDef
+    config: MagiConfig
+    on_step: Callable | None = None  # host callback after each step (progress); it syncs with the host
 
 
 def _window(x, start_frame, frames):
@@ -269,62 +284,53 @@ def _window(x, start_frame, frames):
     return jax.lax.dynamic_slice(x, (0, start_frame, 0, 0), (c, frames, h, w))
 
 
-def _advance(
-    graphdef,
-    config: MagiConfig,
-    key: WindowKey,
-    params,
-    state: SamplerState,
-    run: RunInputs,
-    plan_rows,
-    first_chunk,
-    count,
-    on_step=None,
-):
-    """Runs `count` steps of one stage with window shape `key` (a fori_loop over plan rows).
+def window_captions(captions: Captions, first_chunk, window: Window) -> Captions:
+    """Both caption rows of the window's chunks (2, R, L, Cc); the re-encoded clean chunk
+    reads the null caption (chunk 0's, as upstream)."""
+    den = window.denoising
+    tokens = jax.lax.dynamic_slice_in_dim(captions.tokens, first_chunk, den, axis=1)
+    mask = jax.lax.dynamic_slice_in_dim(captions.mask, first_chunk, den, axis=1)
+    if window.extra_clean_chunk:
+        null = captions.tokens[NULL_ROW : NULL_ROW + 1, 0:1]
+        null_mask = captions.mask[NULL_ROW : NULL_ROW + 1, 1:2]  # upstream takes chunk 1's null mask
+        tokens = jnp.concatenate([jnp.broadcast_to(null, (2, *null.shape[1:])), tokens], axis=1)
+        mask = jnp.concatenate([jnp.broadcast_to(null_mask, (2, 1, mask.shape[2])), mask], axis=1)
+    return Captions(tokens, mask)
 
-    `on_step(i)` is called on the host after each step when given (progress bars)."""
-    model = nnx.merge(graphdef, params)
-    call = key.call
-    r = call.chunks
-    extra = int(call.fwd_extra_1st_chunk)
+
+def advance(program: Program, params, state: SamplerState, run: RunInputs, group: Group):
+    """Runs the group's live steps (a fori_loop over its step records) on the latent video.
+
+    Returns the new state and [step, chunk] of the first step that made NaN/Inf latents
+    ([-1, -1]: none), read by the host only when it syncs anyway."""
+    model = nnx.merge(program.graphdef, params)
+    config = program.config
+    window = group.window
+    r, extra = window.chunks, int(window.extra_clean_chunk)
     cw = config.runtime.chunk_width
-    c, _, h, w = state.x.shape
 
     def step(i, carry):
         st, bad = carry
-        row = jax.tree.map(lambda a: a[i], plan_rows)
-        start = row["slice_point"] * cw
-        xw = _window(st.x, start, r * cw)
-        frames = start + jnp.arange(r * cw)
-        xw = jnp.where((frames < run.prefix_frames)[None, :, None, None], _window(run.prefix, start, r * cw), xw)
-        den = r - extra
-        cap = jax.lax.dynamic_slice_in_dim(run.caption, first_chunk, den, axis=1)
-        msk = jax.lax.dynamic_slice_in_dim(run.caption_mask, first_chunk, den, axis=1)
-        if extra:  # the re-encoded clean chunk reads the null caption (chunk 0's, as upstream)
-            cap = jnp.concatenate([jnp.broadcast_to(run.caption[1:2, 0:1], (2, 1, *cap.shape[2:])), cap], axis=1)
-            msk = jnp.concatenate([jnp.broadcast_to(run.caption_mask[1:2, 1:2], (2, 1, msk.shape[2])), msk], axis=1)
-        inp = CallInputs(
-            x=xw,
-            t=row["t"],
-            caption=cap.reshape(2 * r, *cap.shape[2:]),
-            caption_mask=msk.reshape(2 * r, msk.shape[2]),
-            kv_range=row["kv_range"],
-            slice_point=row["slice_point"],
-            near_clean=row["near_clean"],
-            extract_prefix=jnp.bool_(False),
-            distill_dt=row["distill_dt"] if config.engine.distill else None,
-        )
-        v, cache = guided_velocity(model, config, call, inp, st.cache)
-        xw, v = xw[:, extra * cw :], v[:, extra * cw :]
-        dt = jnp.repeat(row["dt"], cw)[None, :, None, None]
-        x_new = (xw + v * dt).astype(st.x.dtype)
-        x = jax.lax.dynamic_update_slice(st.x, x_new, (0, first_chunk * cw, 0, 0))
-        if on_step is not None:  # progress reporting (interactive runs only: it syncs with the host)
-            jax.debug.callback(on_step, i, ordered=True)
-        return SamplerState(x, cache), _first_non_finite(bad, i, x_new, first_chunk, cw)
+        plan_i: StepPlan = jax.tree.map(lambda a: a[i], group.steps)
+        call = plan_i.call
+        with jax.named_scope("window"):
+            start = call.first_chunk * cw
+            xw = _window(st.x, start, r * cw)
+            frames = start + jnp.arange(r * cw)
+            xw = jnp.where((frames < run.prefix_frames)[None, :, None, None], _window(run.prefix, start, r * cw), xw)
+            captions = window_captions(run.captions, group.first_chunk, window)
+        with jax.named_scope("guided_forward"):
+            v, cache = guided_velocity(model, config, xw, captions, call, st.cache)
+        with jax.named_scope("integrate"):
+            xw, v = xw[:, extra * cw :], v[:, extra * cw :]
+            dt = jnp.repeat(plan_i.dt, cw)[None, :, None, None]
+            x_new = (xw + v * dt).astype(st.x.dtype)
+            x = jax.lax.dynamic_update_slice(st.x, x_new, (0, group.first_chunk * cw, 0, 0))
+        if program.on_step is not None:
+            jax.debug.callback(program.on_step, i, ordered=True)
+        return SamplerState(x, cache), _first_non_finite(bad, i, x_new, group.first_chunk, cw)
 
-    state, bad = jax.lax.fori_loop(0, count, step, (state, jnp.full((2,), -1, jnp.int32)))
+    state, bad = jax.lax.fori_loop(0, group.count, step, (state, jnp.full((2,), -1, jnp.int32)))
     # keep the cache where the rules put it (rows over `seq`, kv heads over `model`)
     cache = KVCache(sharding.constrain(state.cache.k, KVCache.AXES), sharding.constrain(state.cache.v, KVCache.AXES))
     return SamplerState(state.x, cache), bad
@@ -348,57 +354,42 @@ def _raise_non_finite(pending: list, total: int):
     for done_before, g, bad in pending:
         step, chunk = (int(v) for v in np.asarray(bad))
         if step >= 0:
+            t = float(np.asarray(g.steps.call.t)[step][-1])
             raise NonFiniteError(
                 f"sampler step {done_before + step + 1} of {total} made chunk {chunk} NaN/Inf "
-                f"(t = {float(g.arrays['t'][step][-1]):.4f}); the weights or the inputs hold non-finite values, "
+                f"(t = {t:.4f}); the weights or the inputs hold non-finite values, "
                 "or a low-precision overflow: check the checkpoint, or run with --dtype float32"
             )
     pending.clear()
 
 
-def _encode_prefix(
-    graphdef,
-    config: MagiConfig,
-    call: CallShape,
-    params,
-    state: SamplerState,
-    prefix_chunks,
-    caption,
-    caption_mask,
-    kv_range,
-    distill_dt,
-):
+def encode_prefix(program: Program, params, state: SamplerState, x, captions: Captions, call: ForwardCall):
     """Writes the clean prefix chunks' keys and values into the cache (output discarded)."""
-    model = nnx.merge(graphdef, params)
-    r = call.chunks
-    inp = CallInputs(
-        x=prefix_chunks,
-        t=jnp.full((r,), config.runtime.clean_t, jnp.float32),
-        caption=caption,
-        caption_mask=caption_mask,
-        kv_range=kv_range,
-        slice_point=jnp.int32(0),
-        near_clean=jnp.bool_(False),
-        extract_prefix=jnp.bool_(True),
-        distill_dt=distill_dt if config.engine.distill else None,
-    )
-    _, cache = guided_velocity(model, config, call, inp, state.cache)
+    model = nnx.merge(program.graphdef, params)
+    with jax.named_scope("encode_prefix"):
+        _, cache = guided_velocity(model, program.config, x, captions, call, state.cache)
     return SamplerState(state.x, cache)
 
 
-@jax.tree_util.register_static
-@dataclass(frozen=True)
-class _Static:
-    graphdef: object
-    config: MagiConfig
-    key: object
-    report_steps: bool = False
+def prefix_call(config: MagiConfig, lay: Layout) -> ForwardCall:
+    """The call that encodes the whole prefix chunks (clean time, each sees its predecessors)."""
+    rt = config.runtime
+    k = lay.clean_chunks
+    dt0 = schedule.distill_dt(rt.num_steps, schedule.init_interval(rt.num_steps, config.engine.shortcut_mode)[0])
+    step = DispatchStep(
+        first_chunk=0,
+        t=np.full((k,), rt.clean_t, f32),
+        kv_range=prefix_kv_ranges(config, lay),
+        encodes_prefix=True,
+        distill_dt=dt0 if config.engine.distill else None,
+    )
+    return plan_call(config, Window(chunks=k), step, chunk_geometry(config, lay))
 
 
 class Sampler:
     """Generates latent chunks with a DiT; compiled functions are reused across runs.
 
-    `sampler.compilations` counts how many window shapes were traced so far.
+    `sampler.compilations` counts the programs compiled so far (one per window shape).
     """
 
     def __init__(self, model: DiT, config: MagiConfig, mesh=None):
@@ -409,27 +400,24 @@ class Sampler:
         if mesh is not None:
             model = sharding.place(model, mesh)
         self.graphdef, self.params = nnx.split(model)
-        self.compilations = 0
         self.steps_done = 0  # sampler steps dispatched in the current run
         self.on_step: Callable[[], None] | None = None  # called after every step when set
         self.cache_sharding = None
-        self._advance = jax.jit(self._traced_advance, donate_argnames=("state",))
-        self._prefix = jax.jit(self._traced_prefix, donate_argnames=("state",))
+        # a partial per sampler: jit's cache is per function object, so its size counts this
+        # sampler's compilations
+        self._advance = jax.jit(functools.partial(advance), static_argnames="program", donate_argnames="state")
+        self._prefix = jax.jit(functools.partial(encode_prefix), static_argnames="program", donate_argnames="state")
 
-    def _traced_advance(self, static: _Static, params, state, run, rows, first_chunk, count):
-        self.compilations += 1  # runs at trace time only
-        on_step = self._step_done if static.report_steps else None
-        return _advance(
-            static.graphdef, static.config, static.key, params, state, run, rows, first_chunk, count, on_step
-        )
+    @property
+    def compilations(self) -> int:
+        return self._advance._cache_size() + self._prefix._cache_size()
 
     def _step_done(self, _):
         if self.on_step is not None:
             self.on_step()
 
-    def _traced_prefix(self, static: _Static, params, state, *args):
-        self.compilations += 1
-        return _encode_prefix(static.graphdef, static.config, static.key, params, state, *args)
+    def _program(self) -> Program:
+        return Program(self.graphdef, self.config, self._step_done if self.on_step is not None else None)
 
     def layout(self, prefix_frames: int = 0) -> Layout:
         return layout(self.config, prefix_frames)
@@ -486,32 +474,18 @@ class Sampler:
         if prefix is not None:
             prefix_f32[:, :prefix_frames] = np.asarray(prefix, np.float32)
         run = RunInputs(
-            jnp.asarray(caption, jnp.float32),
-            jnp.asarray(caption_mask, jnp.float32),
+            Captions(jnp.asarray(caption, jnp.float32), jnp.asarray(caption_mask, jnp.float32)),
             jnp.asarray(prefix_f32),
             jnp.int32(prefix_frames),
         )
+        program = self._program()
 
         with self._mesh_context():
             if lay.clean_chunks:
                 k = lay.clean_chunks
-                call = CallShape(chunks=k, fwd_extra_1st_chunk=False, near_clean_copy=False, cache_window=None)
-                null_cap = jnp.concatenate([run.caption[1, :k]] * 2)
-                null_mask = jnp.concatenate([run.caption_mask[1, :k]] * 2)
-                rt = cfg.runtime
-                dt0 = schedule.distill_dt(
-                    rt.num_steps, schedule.init_interval(rt.num_steps, cfg.engine.shortcut_mode)[0]
-                )
-                state = self._prefix(
-                    _Static(self.graphdef, cfg, call),
-                    self.params,
-                    state,
-                    jnp.asarray(prefix[:, : k * lay.chunk_width]),
-                    null_cap,
-                    null_mask,
-                    prefix_kv_ranges(cfg, lay),
-                    dt0,
-                )
+                null = run.captions.row(NULL_ROW, NULL_ROW).chunks(0, k)  # both rows: the null caption
+                x = jnp.asarray(prefix[:, : k * lay.chunk_width])
+                state = self._prefix(program, self.params, state, x, null, prefix_call(cfg, lay))
 
         self.steps_done = 0
         total = sum(g.count for st in stages for g in st.groups)
@@ -521,15 +495,7 @@ class Sampler:
                 for g in stage.groups:
                     done_before = self.steps_done
                     self.steps_done += g.count
-                    state, bad = self._advance(
-                        _Static(self.graphdef, cfg, g.key, self.on_step is not None),
-                        self.params,
-                        state,
-                        run,
-                        g.arrays,
-                        np.int32(g.first_chunk),
-                        np.int32(g.count),
-                    )
+                    state, bad = self._advance(program, self.params, state, run, g)
                     pending.append((done_before, g, bad))
             self.cache_sharding = state.cache.k.sharding  # where the cache lives (for checks and logs)
             if stage.done_chunk is not None:

@@ -30,8 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax.layers import param
+from magi_jax.layers import param, scan_layers, stack_layers
 from magi_jax.text_clean import clean_caption
+from magi_jax.weights import abstract_model, build_model, convert_torch, expected_leaves
 
 f32 = jnp.float32
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -198,12 +199,7 @@ class T5Encoder(nnx.Module):
         self.cfg = cfg
         self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), dtype, ("t5_vocab", "t5_embed"), scale=1.0)
         self.position_bias = param(rngs, (cfg.num_buckets, cfg.num_heads), dtype, (None, "t5_heads"), scale=1.0)
-        stack = dict(in_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        if rngs is None:
-            self.layers = nnx.vmap(lambda _: T5Layer(cfg, dtype), **stack)(jnp.arange(cfg.num_layers))
-        else:
-            make = nnx.vmap(lambda r: T5Layer(cfg, dtype, rngs=r), **stack)
-            self.layers = nnx.split_rngs(splits=cfg.num_layers)(make)(rngs)
+        self.layers = stack_layers(lambda r: T5Layer(cfg, dtype, rngs=r), cfg.num_layers, rngs)
         self.final_norm = param(None, (cfg.d_model,), dtype, ("t5_embed",), init="ones")
 
     def __call__(self, ids, mask, return_hidden: bool = False):
@@ -212,20 +208,15 @@ class T5Encoder(nnx.Module):
         cfg = self.cfg
         dtype = self.embedding.get_value().dtype
         length = ids.shape[1]
-        x = jnp.take(self.embedding[...], ids, axis=0)
+        with jax.named_scope("t5_embed"):
+            x = jnp.take(self.embedding[...], ids, axis=0)
         buckets = relative_position_buckets(length, cfg)
         rel = np.arange(length)[None, :] - np.arange(length)[:, None] + length - 1  # key - query
         bias = jnp.take(self.position_bias[...], jnp.asarray(buckets[rel]), axis=0).transpose(2, 0, 1)[None]
         lowest = jnp.finfo(dtype).min
         bias = bias + jnp.where(mask[:, None, None, :] > 0, 0.0, lowest).astype(dtype)
 
-        graphdef, state = nnx.split(self.layers)
-
-        def body(h, layer_state):
-            out = nnx.merge(graphdef, layer_state)(h, bias)
-            return out, h
-
-        x, hidden = jax.lax.scan(body, x, state)
+        x, hidden = scan_layers(self.layers, lambda layer, h, _: (layer(h, bias), h), x, name="t5_layer")
         out = rms_norm(x, self.final_norm[...], cfg.eps)
         return (out, hidden) if return_hidden else out
 
@@ -330,26 +321,17 @@ def ignored_t5_key(key: str) -> bool:
 
 
 def abstract_t5(cfg: T5Config, dtype=jnp.float32) -> T5Encoder:
-    return nnx.eval_shape(lambda: T5Encoder(cfg, dtype))
+    """The encoder's structure with shapes and dtypes only: nothing is allocated."""
+    return abstract_model(lambda: T5Encoder(cfg, dtype))
 
 
 def convert_t5(src, cfg: T5Config, dtype=jnp.float32, progress=None) -> dict:
     """HF T5 weights (safetensors or torch .bin, single or sharded) -> {our path: array}."""
-    from magi_jax.convert import convert
-    from magi_jax.safetensors_io import open_checkpoint
-
-    expected = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(abstract_t5(cfg, dtype)))}
-    ckpt = open_checkpoint(src)
-    try:
-        return convert(ckpt, t5_rules(cfg), expected, ignore=ignored_t5_key, progress=progress, source=str(src))
-    finally:
-        ckpt.close()
+    return convert_torch(src, t5_rules(cfg), abstract_t5(cfg, dtype), ignore=ignored_t5_key, progress=progress)
 
 
 def build_t5(cfg: T5Config, arrays: dict, dtype=jnp.float32) -> T5Encoder:
-    graphdef, state = nnx.split(abstract_t5(cfg, dtype))
-    flat = [(p, v.replace(value=jnp.asarray(arrays[p]))) for p, v in nnx.to_flat_state(state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return build_model(abstract_t5(cfg, dtype), arrays)
 
 
 def weights_source(folder: Path) -> Path:
@@ -373,7 +355,7 @@ def load_text_encoder(path, dtype=jnp.float32, device=None) -> TextEncoder:
         meta = checkpoint.read_meta(path)
         cfg = T5Config(**meta["config"])
         stored = jnp.dtype(meta.get("dtype", "float32"))
-        expected = {p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(abstract_t5(cfg, stored)))}
+        expected = expected_leaves(abstract_t5(cfg, stored))
         shardings = None
         if device is not None:
             shardings = {p: jax.sharding.SingleDeviceSharding(device) for p in expected}

@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from magi_jax.safetensors_io import CheckpointError, TensorInfo
+from magi_jax.tensor_file import CheckpointError, TensorInfo
 
 STORAGE_DTYPES = {
     "FloatStorage": np.dtype(np.float32),

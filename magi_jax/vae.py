@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax.layers import LayerNorm, Linear, gelu, param
+from magi_jax.layers import LayerNorm, Linear, gelu, param, scan_layers, stack_layers
 from magi_jax.vae_tiling import (
     SCALE_FACTOR,
     TileConfig,
@@ -293,21 +293,10 @@ class BlockStack(nnx.Module):
     """`depth` blocks with their parameters on a leading layer axis, run by one scan."""
 
     def __init__(self, cfg: VaeConfig, dtype, attention_dtype, rngs=None):
-        meta = {nnx.PARTITION_NAME: "layers"}
-        if rngs is None:
-            make = nnx.vmap(lambda _: Block(cfg, dtype, attention_dtype), in_axes=0, transform_metadata=meta)
-            self.layers = make(jnp.arange(cfg.depth))
-        else:
-            make = nnx.vmap(lambda r: Block(cfg, dtype, attention_dtype, rngs=r), in_axes=0, transform_metadata=meta)
-            self.layers = nnx.split_rngs(splits=cfg.depth)(make)(rngs)
+        self.layers = stack_layers(lambda r: Block(cfg, dtype, attention_dtype, rngs=r), cfg.depth, rngs)
 
     def __call__(self, x):
-        graphdef, state = nnx.split(self.layers)
-
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h), None
-
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = scan_layers(self.layers, lambda block, h, _: (block(h), None), x, name="vae_block")
         return x
 
 
@@ -456,12 +445,14 @@ class VaeModel(nnx.Module):
         single = x.shape[2] == 1
         if single:
             x = jnp.repeat(x, IMAGE_REPEAT, axis=2)
-        mean, _ = posterior(self.encoder(x))
+        with jax.named_scope("vae_encode"):
+            mean, _ = posterior(self.encoder(x))
         return mean[:, :, :1] if single else mean
 
     def decode(self, z, strided: bool = True):
         """z (B, z, t, h, w) -> (B, 3, t*pt, H, W); one latent frame -> one frame."""
-        out = self.decoder(z, strided)
+        with jax.named_scope("vae_decode"):
+            out = self.decoder(z, strided)
         return out[:, :, :1] if z.shape[2] == 1 else out
 
 

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax.convert import IDENTITY, LINEAR, Rule, Transform, convert
-from magi_jax.safetensors_io import open_checkpoint
+from magi_jax.convert import IDENTITY, LINEAR, Rule, Transform
 from magi_jax.vae import CONFIG_NAME, TINY, WEIGHTS_NAME, Vae, VaeConfig, VaeModel
 from magi_jax.vae_tiling import SCALE_FACTOR, TileConfig
+from magi_jax.weights import abstract_model, build_model, convert_torch, expected_leaves
 
 # --------------------------------------------------------------------------------------
 # Upstream checkpoint -> our parameters
@@ -82,11 +82,7 @@ def vae_rules(cfg: VaeConfig) -> list[Rule]:
 
 def abstract_vae(cfg: VaeConfig, dtype=jnp.bfloat16, attention_dtype=jnp.bfloat16) -> VaeModel:
     """The model's structure with shapes and dtypes only: nothing is allocated."""
-    return nnx.eval_shape(lambda: VaeModel(cfg, dtype=dtype, attention_dtype=attention_dtype))
-
-
-def _expected(abstract: VaeModel) -> dict:
-    return {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+    return abstract_model(lambda: VaeModel(cfg, dtype=dtype, attention_dtype=attention_dtype))
 
 
 def convert_vae(src, cfg: VaeConfig, dtype=jnp.bfloat16) -> dict[tuple, np.ndarray]:
@@ -95,18 +91,12 @@ def convert_vae(src, cfg: VaeConfig, dtype=jnp.bfloat16) -> dict[tuple, np.ndarr
     Strict: a missing, unexpected or mis-shaped key raises convert.ConversionError naming it.
     Values are rounded to `dtype` once (upstream's `.bfloat16()` of the loaded model).
     """
-    ckpt = open_checkpoint(src)
-    try:
-        return convert(ckpt, vae_rules(cfg), _expected(abstract_vae(cfg, dtype)), source=str(src))
-    finally:
-        ckpt.close()
+    return convert_torch(src, vae_rules(cfg), abstract_vae(cfg, dtype))
 
 
 def build_vae(cfg: VaeConfig, arrays: dict, dtype=jnp.bfloat16, attention_dtype=jnp.bfloat16) -> VaeModel:
     """A VaeModel whose parameters are `arrays` ({path: array}, e.g. from convert_vae)."""
-    graphdef, state = nnx.split(abstract_vae(cfg, dtype, attention_dtype))
-    filled = [(path, var.replace(value=jnp.asarray(arrays[path]))) for path, var in nnx.to_flat_state(state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+    return build_model(abstract_vae(cfg, dtype, attention_dtype), arrays)
 
 
 def find_vae_files(path) -> tuple[Path, Path]:
@@ -146,7 +136,7 @@ def load_vae(
         meta = checkpoint.read_meta(path)
         config = config or VaeConfig.from_json_dict(meta["config"], str(path))
         stored = jnp.dtype(meta.get("dtype", "bfloat16"))
-        expected = _expected(abstract_vae(config, stored, attention_dtype))
+        expected = expected_leaves(abstract_vae(config, stored, attention_dtype))
         arrays = {p: a.astype(dtype) for p, a in checkpoint.restore(path, expected, "vae").items()}
         return Vae(build_vae(config, arrays, dtype, attention_dtype), scale_factor=scale_factor, tiles=tiles)
     config_path, weights = find_vae_files(path)

@@ -9,7 +9,8 @@ import numpy as np
 
 from magi_jax.config import from_dict
 from magi_jax.dit_weights import build_dit, convert_dit
-from magi_jax.guidance import CallInputs, CallShape
+from magi_jax.forward_call import Captions, Window
+from magi_jax.guidance import ChunkGeometry, DispatchStep, plan_call
 from magi_jax.kv_cache import KVCache
 from magi_jax.schedule import distill_dt
 
@@ -39,29 +40,34 @@ def kwarg_interval(kwargs):
 
 
 def call_inputs(fx, call):
-    """(CallShape, CallInputs, KVCache, arrays) replaying one recorded forward_dispatcher call."""
+    """(config, (x, captions, forward call), KVCache, arrays) replaying one recorded
+    forward_dispatcher call: `jit_guided(model, config)(*args, cache)` runs it."""
     a = {k.split("/", 2)[2]: fx.arrays[k] for k in fx.arrays.files if k.startswith(f"calls/{call['name']}/")}
     kw = call["kwargs"]
     dt = call["arg_dtypes"]
     cfg = config_of(fx, call.get("env"))
     r = kw["denoising_range_num"]
-    interval = kwarg_interval(kw)
-    shape = CallShape(
+    window = Window(
         chunks=r,
-        fwd_extra_1st_chunk=kw["fwd_extra_1st_chunk"],
+        extra_clean_chunk=kw["fwd_extra_1st_chunk"],
         near_clean_copy=cfg.runtime.cfg_number == 1 and kw.get("distill_nearly_clean_chunk", False),
     )
-    inp = CallInputs(
-        x=_as(a["x"][0], dt["x"]),
+    step = DispatchStep(
+        first_chunk=kw["slice_point"],
         t=_as(a["timestep"][0], dt["timestep"]),
-        caption=_as(a["y"][:, 0], dt["y"]),
-        caption_mask=_as(a["mask"][:, 0], dt["mask"]),
         kv_range=a["kv_range"].astype(np.int32),
-        slice_point=np.int32(kw["slice_point"]),
-        near_clean=np.bool_(kw.get("distill_nearly_clean_chunk", False)),
-        extract_prefix=np.bool_(kw.get("extract_prefix_video_feature", False)),
-        distill_dt=distill_dt(kw["num_steps"], interval) if cfg.engine.distill else None,
+        near_clean=kw.get("distill_nearly_clean_chunk", False),
+        encodes_prefix=kw.get("extract_prefix_video_feature", False),
+        distill_dt=distill_dt(kw["num_steps"], kwarg_interval(kw)) if cfg.engine.distill else None,
     )
+    x = _as(a["x"][0], dt["x"])
+    m = cfg.model
+    frames = x.shape[1] // r // m.t_patch_size
+    chunk = ChunkGeometry(frames, frames * (x.shape[2] // m.patch_size) * (x.shape[3] // m.patch_size))
+    # upstream's (2R, L, Cc): R caption rows, then R null-caption rows
+    y, mask = _as(a["y"][:, 0], dt["y"]), _as(a["mask"][:, 0], dt["mask"])
+    captions = Captions(y.reshape(2, r, *y.shape[1:]), mask.reshape(2, r, *mask.shape[1:]))
+    args = (x, captions, plan_call(cfg, window, step, chunk))
     rows = call["max_sequence_length"] * call["max_batch_size"]
     # a call that never touched the cache recorded an empty one: size it from the model
     m = cfg.model
@@ -76,4 +82,4 @@ def call_inputs(fx, call):
         before = a["kv_cache_before"]
         k[:, :n], v[:, :n] = before[..., : width // 2], before[..., width // 2 :]
     cache = KVCache(k.astype(dtype), v.astype(dtype))
-    return cfg, shape, inp, cache, a
+    return cfg, args, cache, a

@@ -15,7 +15,9 @@ from magi_jax import checkpoint
 from magi_jax.config import from_dict
 from magi_jax.convert import ConversionError
 from magi_jax.dit_weights import abstract_dit, convert_dit, expected_leaves, load_dit
-from magi_jax.safetensors_io import CheckpointError, open_checkpoint, save_file
+from magi_jax.safetensors_io import save_file
+from magi_jax.tensor_file import CheckpointError
+from magi_jax.torch_weights import open_torch_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +37,7 @@ def plain():
 
 
 def _tensors(path):
-    ck = open_checkpoint(path)
+    ck = open_torch_weights(path)
     return {k: np.array(ck.get(k)) for k in ck.keys()}
 
 
@@ -198,7 +200,7 @@ def test_loading_checkpoint_with_other_config_fails(plain, tmp_path):
     fx, cfg, ref = plain
     checkpoint.save(ref, tmp_path / "ck", "dit", cfg.to_dict())
     other = cfg.replace(model=dict(layernorm_epsilon=1e-5))
-    with pytest.raises(checkpoint.CheckpointFormatError, match="differs in layernorm_epsilon"):
+    with pytest.raises(CheckpointError, match="differs in layernorm_epsilon"):
         load_dit(tmp_path / "ck", other)
 
 
@@ -213,13 +215,13 @@ def test_base_and_distilled_weights_are_not_mixed(plain, tmp_path):
     other = _other_variant(cfg)
     theirs = "distilled" if cfg.engine.distill else "base"
     checkpoint.save(ref, tmp_path / "ck", "dit", cfg.to_dict())
-    with pytest.raises(checkpoint.CheckpointFormatError, match=f"was converted for {theirs} weights"):
+    with pytest.raises(CheckpointError, match=f"was converted for {theirs} weights"):
         load_dit(tmp_path / "ck", other)
     # a released folder says which it is by its name
     released = tmp_path / ("inference_weight.distill" if cfg.engine.distill else "inference_weight")
     released.mkdir()
     shutil.copy(fx.weights, released / "model.safetensors")
-    with pytest.raises(checkpoint.CheckpointFormatError, match=f"holds {theirs} weights"):
+    with pytest.raises(CheckpointError, match=f"holds {theirs} weights"):
         load_dit(released, other)
     assert load_dit(released, cfg) is not None  # the right pairing loads
 

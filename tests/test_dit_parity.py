@@ -29,8 +29,8 @@ def _calls(fx):
 
 @pytest.mark.parametrize("fx,call", parity.cases("dit", _calls))
 def test_forward_call(fx, call):
-    cfg, shape, inp, cache, ref = call_inputs(fx, call)
-    out, cache = _runner(fx, cfg)(shape, inp, cache)
+    cfg, args, cache, ref = call_inputs(fx, call)
+    out, cache = _runner(fx, cfg)(*args, cache)
     tol = fx.meta["tolerance"]
     key = f"calls/{call['name']}"
     parity.check_array(out, ref["out"][0], tol[f"{key}/out"], f"{fx.id}/{call['name']} out")

@@ -9,7 +9,7 @@ from flax import nnx
 from magi_jax.convert import IDENTITY, Rule, convert
 from magi_jax.dit_weights import FP8_WEIGHT, _smooth_scale
 from magi_jax.layers import Fp8Linear
-from magi_jax.safetensors_io import open_checkpoint
+from magi_jax.torch_weights import open_torch_weights
 
 
 def _cases(fx):
@@ -31,7 +31,7 @@ def _load(fx, case) -> Fp8Linear:
     ]
     if smoothed:
         rules.append(Rule(f"{n}.smooth_scale", ("smooth_scale",), _smooth_scale(), exact_dtype=True))
-    ckpt = open_checkpoint(fx.weights)
+    ckpt = open_torch_weights(fx.weights)
     arrays = convert(ckpt, rules, expected, ignore=lambda k: not k.startswith(f"{n}."))
     return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(value=arrays[p])) for p, v in flat]))
 

@@ -43,6 +43,7 @@ def media(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_t2v_command_line(tmp_path):
     """The README's command, as a user runs it (random TINY weights, a clear note that it is noise)."""
     out = tmp_path / "fox.mp4"
@@ -67,6 +68,7 @@ def test_t2v_command_line(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["fox.mp4"], "no temporary file left behind"
 
 
+@pytest.mark.slow
 def test_i2v(tmp_path, media):
     out = tmp_path / "cat.mp4"
     assert (
@@ -89,6 +91,7 @@ def test_i2v(tmp_path, media):
     assert _probe(out) == (24.0, (32, 32), 24)
 
 
+@pytest.mark.slow
 def test_v2v(tmp_path, media):
     out = tmp_path / "more.mp4"
     assert (
@@ -161,7 +164,7 @@ BAD = [
         ),
         "holds base weights, but the config is a distilled model",
     ),
-    (lambda t, m: ["--mesh", "2x4"], "mesh '2x4' needs 8 devices, 1 are present"),
+    (lambda t, m: ["--mesh", "4x4"], "mesh '4x4' needs 16 devices, 8 are present"),  # the session has 8 (conftest)
     (lambda t, m: ["--config_file", "24B_base", "--num_frames", "960"], "but a device holds"),
 ]
 
@@ -183,6 +186,7 @@ def test_unwritable_output_folder(tmp_path, capsys):
     assert "not writable" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     from magi_jax import vae
 

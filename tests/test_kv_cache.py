@@ -5,6 +5,8 @@ in two: the first call writes its keys/values to the cache, the second attends t
 there. Also: the cache is a fixed-size pytree that jit carries without retracing.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from flax import nnx
 
 from magi_jax.config import load_config
 from magi_jax.dit import DiT
+from magi_jax.forward_call import Captions, ForwardCall, Rows
 from magi_jax.kv_cache import KVCache, read_window, write_rows
 
 CFG = load_config("tiny")
@@ -38,80 +41,43 @@ def _ranges(first, count, tokens):
     return np.stack([np.zeros_like(ends), ends], 1).astype(np.int32)
 
 
-@jax.jit
-def _forward(state, graphdef_box, x, t, cap, mask, kv, frame0, t_total, cache, start, count):
-    model = nnx.merge(graphdef_box.graphdef, state)
-    out, cache = model(
-        x,
-        t,
-        cap[None],
-        mask[None],
-        kv,
-        frame0,
-        t_total,
-        cache=cache,
-        new_start=start,
-        write_count=count,
-        read_cache=True,
-        write_row=0,
+def _forward(model, data, chunks: range, t_total: int, cache, writes: bool):
+    """Chunks [lo, hi) of `data` in one call that attends to the cache and writes its keys
+    when `writes`; rope times centred on `t_total` frames."""
+    x, t, cap, mask = data
+    lo, hi = chunks.start, chunks.stop
+    cw = x.shape[1] // t.shape[0]
+    tokens = cw * (x.shape[2] // 2) * (x.shape[3] // 2)
+    call = ForwardCall(
+        t=t[lo:hi],
+        kv_range=_ranges(lo, hi - lo, tokens),
+        frame0=np.arange(lo, hi) * cw,
+        t_total=np.full(hi - lo, t_total),
+        first_chunk=lo,
+        write_count=(hi - lo) * tokens if writes else 0,
+        rows=Rows(read_cache=True, write_row=0),
+    )
+    out, cache = _run(
+        *nnx.split(model), x[:, lo * cw : hi * cw], Captions(cap[None, lo:hi], mask[None, lo:hi]), call, cache
     )
     return out[0], cache
 
 
-@jax.tree_util.register_static
-class _Box:
-    def __init__(self, graphdef):
-        self.graphdef = graphdef
-
-    def __hash__(self):
-        return hash(self.graphdef)
-
-    def __eq__(self, other):
-        return self.graphdef == other.graphdef
+@functools.partial(jax.jit, static_argnums=0)
+def _run(graphdef, state, x, captions, call, cache):
+    return nnx.merge(graphdef, state)(x, captions, call, cache)
 
 
 def test_split_calls_equal_one_call(model):
     n, k, cw, hw = 4, 3, 2, 8
     tokens = cw * (hw // 2) ** 2
     m = CFG.model
-    graphdef, state = nnx.split(model)
-    box = _Box(graphdef)
-    x, t, cap, mask = _inputs(n, cw, hw)
+    data = _inputs(n, cw, hw)
     empty = KVCache.create(m.num_layers, n * tokens, m.num_query_groups, m.kv_channels, jnp.float32)
-    frames = np.arange(n) * cw
 
-    whole, cache_whole = _forward(
-        state, box, x, t, cap, mask, _ranges(0, n, tokens), frames, np.full(n, n * cw), empty, 0, n * tokens
-    )
-
-    first, cache = _forward(
-        state,
-        box,
-        x[:, : k * cw],
-        t[:k],
-        cap[:k],
-        mask[:k],
-        _ranges(0, k, tokens),
-        frames[:k],
-        np.full(k, k * cw),
-        empty,
-        0,
-        k * tokens,
-    )
-    rest, cache = _forward(
-        state,
-        box,
-        x[:, k * cw :],
-        t[k:],
-        cap[k:],
-        mask[k:],
-        _ranges(k, n - k, tokens),
-        frames[k:],
-        np.full(n - k, n * cw),
-        cache,
-        k * tokens,
-        (n - k) * tokens,
-    )
+    whole, cache_whole = _forward(model, data, range(0, n), n * cw, empty, writes=True)
+    first, cache = _forward(model, data, range(0, k), k * cw, empty, writes=True)
+    rest, cache = _forward(model, data, range(k, n), n * cw, cache, writes=True)
 
     # rope time positions of the first call see T_total = k*cw instead of n*cw: an identity
     # rescale either way, equal up to float32 rounding
@@ -126,27 +92,10 @@ def test_cache_matters(model):
     n, k, cw, hw = 4, 3, 2, 8
     tokens = cw * (hw // 2) ** 2
     m = CFG.model
-    graphdef, state = nnx.split(model)
-    x, t, cap, mask = _inputs(n, cw, hw)
+    data = _inputs(n, cw, hw)
     empty = KVCache.create(m.num_layers, n * tokens, m.num_query_groups, m.kv_channels, jnp.float32)
-    frames = np.arange(n) * cw
-    whole, _ = _forward(
-        state, _Box(graphdef), x, t, cap, mask, _ranges(0, n, tokens), frames, np.full(n, n * cw), empty, 0, n * tokens
-    )
-    rest, _ = _forward(
-        state,
-        _Box(graphdef),
-        x[:, k * cw :],
-        t[k:],
-        cap[k:],
-        mask[k:],
-        _ranges(k, n - k, tokens),
-        frames[k:],
-        np.full(n - k, n * cw),
-        empty,
-        k * tokens,
-        0,
-    )
+    whole, _ = _forward(model, data, range(0, n), n * cw, empty, writes=True)
+    rest, _ = _forward(model, data, range(k, n), n * cw, empty, writes=False)
     assert np.abs(rest - whole[:, k * cw :]).max() > 1e-2
 
 

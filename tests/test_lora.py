@@ -3,6 +3,7 @@ load and merge to the trained model, generate takes them, and a fine-tune on one
 samples toward it."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -11,6 +12,7 @@ from train_clips import blob_latents, clips, sampling_captions
 from magi_jax import checkpoint
 from magi_jax.config import load_config
 from magi_jax.dit import DiT
+from magi_jax.forward_call import Captions
 from magi_jax.lora import (
     ALL_TARGETS,
     LoRAConfig,
@@ -24,7 +26,7 @@ from magi_jax.lora import (
     parse_lora_arg,
     save_lora,
 )
-from magi_jax.objective import ObjectiveConfig, block_causal_ranges
+from magi_jax.objective import ObjectiveConfig, clip_call
 from magi_jax.train import TrainConfig, Trainer
 
 CFG = load_config("tiny")
@@ -34,14 +36,14 @@ def _inputs():
     batch = clips(CFG, [blob_latents(CFG, 0.3)], [1])
     t = np.array([0.9, 0.7, 0.4, 0.1], np.float32)
     r = 4
-    return (batch.latents[0], t, batch.caption[:1, :r], batch.caption_mask[:1, :r], block_causal_ranges(r, 32))
+    captions = Captions(batch.caption[:1, :r], batch.caption_mask[:1, :r])
+    return batch.latents[0], captions, clip_call(jnp.asarray(t), 2, 32)  # 4 chunks of 2 frames, 32 tokens
 
 
 def _forward(model):
-    x, t, cap, mask, kv = _inputs()
-    frames, total = np.arange(4) * 2, np.full(4, 8)
+    x, captions, call = _inputs()
     graphdef, state = nnx.split(model)
-    f = jax.jit(lambda s: nnx.merge(graphdef, s)(x, t, cap, mask, kv, frames, total)[0])
+    f = jax.jit(lambda s: nnx.merge(graphdef, s)(x, captions, call)[0])
     return np.asarray(f(state))
 
 
@@ -87,6 +89,7 @@ def finetuned(tmp_path_factory):
     return dict(trainer=trainer, state=state, before=before, path=path, summary=summary, lcfg=lcfg)
 
 
+@pytest.mark.slow
 def test_training_moves_only_adapters(finetuned):
     trainer, state = finetuned["trainer"], finetuned["state"]
     # a wrapped linear keeps its weights under `base`
@@ -100,6 +103,7 @@ def test_training_moves_only_adapters(finetuned):
     assert all(np.abs(np.asarray(v.get_value())).max() > 0 for p, v in trained.items() if p[-1] == "lora_b")
 
 
+@pytest.mark.slow
 def test_saved_adapter_is_small_and_loads_or_merges_to_the_trained_model(finetuned):
     path, lcfg = finetuned["path"], finetuned["lcfg"]
     meta = checkpoint.read_meta(path)
@@ -119,6 +123,7 @@ def test_saved_adapter_is_small_and_loads_or_merges_to_the_trained_model(finetun
     np.testing.assert_array_equal(half, base)  # scale 0 leaves the weights as they were
 
 
+@pytest.mark.slow
 def test_adapter_for_another_model_is_refused(finetuned, tmp_path):
     other = CFG.replace(model=dict(hidden_size=128, ffn_hidden_size=256))
     with pytest.raises(LoRAError, match="hidden_size"):

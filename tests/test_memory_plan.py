@@ -69,6 +69,7 @@ def _mid_f32():
 @pytest.mark.parametrize(
     "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TRAIN_CASES else n for n in TRAIN_CASES]
 )
+@pytest.mark.slow
 def test_training_plan_within_20_percent_of_allocation(name):
     from magi_jax.memory_plan import compiled_train_memory, plan_training_memory
 

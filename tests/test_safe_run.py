@@ -26,6 +26,7 @@ def _errors(capsys):
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.slow
 def test_nan_step_stops_the_run_naming_chunk_and_step(tmp_path, monkeypatch, capsys):
     real = pipeline.dit_model
 
@@ -107,6 +108,7 @@ def _generate(out: Path, *extra):
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_signal_exits_with_its_code_and_leaves_nothing(tmp_path, signum, code):
     out = tmp_path / "x.mp4"

@@ -26,9 +26,10 @@ def _captions(lay, seed=0):
 
 
 def _shapes(stages):
-    return {g.key for s in stages for g in s.groups}
+    return {g.window for s in stages for g in s.groups}
 
 
+@pytest.mark.slow
 def test_one_compilation_per_window_shape_and_streaming(sampler):
     lay = sampler.layout()
     stages = plan(CFG, lay)
@@ -49,6 +50,7 @@ def test_one_compilation_per_window_shape_and_streaming(sampler):
         np.testing.assert_array_equal(a, b)  # same seed: bit-identical
 
 
+@pytest.mark.slow
 def test_seeds_differ(sampler):
     lay = sampler.layout()
     cap, mask = _captions(lay)
@@ -75,9 +77,9 @@ def test_no_forward_on_empty_slots(window, steps, chunks):
     )
     lay = layout(cfg)
     stages = plan(cfg, lay)
-    chunk_steps = sum(g.count * (g.key.call.chunks - g.key.call.fwd_extra_1st_chunk) for s in stages for g in s.groups)
+    chunk_steps = sum(g.count * (g.window.denoising) for s in stages for g in s.groups)
     assert chunk_steps == lay.chunk_num * steps  # each chunk denoised exactly num_steps times
-    extras = sum(g.count for s in stages for g in s.groups if g.key.call.fwd_extra_1st_chunk)
+    extras = sum(g.count for s in stages for g in s.groups if g.window.extra_clean_chunk)
     assert extras == lay.chunk_num - 1  # one cache refresh per chunk that later chunks read
     assert len(_shapes(stages)) <= 2 * window + 1
 

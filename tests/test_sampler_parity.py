@@ -4,6 +4,7 @@ Each run feeds the recorded noise, processed captions and prefix latents to our 
 compares every yielded clean chunk with upstream's, at the fixture's tolerance.
 """
 
+import jax
 import ml_dtypes
 import numpy as np
 import parity
@@ -30,6 +31,7 @@ def run_arrays(fx, run):
     return {k[len(prefix) :]: fx.arrays[k] for k in fx.arrays.files if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fx,run", parity.cases("dit", _runs))
 def test_generate_run(fx, run):
     cfg = run_config(fx, run)
@@ -72,17 +74,16 @@ def test_run_plan_matches_recorded_calls(fx, run):
         np.testing.assert_array_equal(prefix_kv_ranges(cfg, lay), first["kv_range"])
         calls = calls[1:]
     steps = [
-        (g.key.call, {k: v[i] for k, v in g.arrays.items()})
-        for s in plan(cfg, lay)
-        for g in s.groups
-        for i in range(g.count)
+        jax.tree.map(lambda a, i=i: a[i], g.steps) for s in plan(cfg, lay) for g in s.groups for i in range(g.count)
     ]
     assert len(steps) == len(calls)
-    for (call, row), rec in zip(steps, calls):
-        kw = rec["kwargs"]
-        assert call.chunks == kw["denoising_range_num"] and call.fwd_extra_1st_chunk == kw["fwd_extra_1st_chunk"]
-        assert int(row["slice_point"]) == kw["slice_point"]
-        assert bool(row["near_clean"]) == kw.get("distill_nearly_clean_chunk", False)
-        np.testing.assert_array_equal(row["t"], np.float32(rec["timestep"]))
-        np.testing.assert_array_equal(row["kv_range"], rec["kv_range"])
-        assert row["distill_dt"] == distill_dt(kw["num_steps"], kwarg_interval(kw))
+    for step, rec in zip(steps, calls):
+        kw, call = rec["kwargs"], step.call
+        assert call.window.chunks == kw["denoising_range_num"]
+        assert call.window.extra_clean_chunk == kw["fwd_extra_1st_chunk"]
+        assert int(call.first_chunk) == kw["slice_point"]
+        assert bool(step.near_clean) == kw.get("distill_nearly_clean_chunk", False)
+        np.testing.assert_array_equal(call.t, np.float32(rec["timestep"]))
+        np.testing.assert_array_equal(call.kv_range, rec["kv_range"])
+        if cfg.engine.distill:
+            assert call.distill_dt == distill_dt(kw["num_steps"], kwarg_interval(kw))

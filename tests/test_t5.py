@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from magi_jax.convert import ConversionError
-from magi_jax.safetensors_io import CheckpointError, open_checkpoint, save_file
+from magi_jax.safetensors_io import save_file
 from magi_jax.t5 import (
     T5Config,
     TextEncoder,
@@ -29,7 +29,9 @@ from magi_jax.t5 import (
     relative_position_buckets,
     t5_rules,
 )
+from magi_jax.tensor_file import CheckpointError
 from magi_jax.text_clean import clean_caption
+from magi_jax.torch_weights import open_torch_weights
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -167,7 +169,7 @@ def _fx32():
 
 
 def _tensors(path):
-    ck = open_checkpoint(path)
+    ck = open_torch_weights(path)
     return {k: np.array(ck.get(k)) for k in ck.keys()}
 
 
@@ -292,7 +294,7 @@ def test_torch_bin_refuses_code(tmp_path):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", pickle.dumps({"x": Evil()}, protocol=2))
     with pytest.raises(CheckpointError, match=r"refusing to load (__builtin__|builtins)\.print"):
-        open_checkpoint(path).keys()
+        open_torch_weights(path).keys()
 
 
 def test_close_frees_weights_but_keeps_cache():

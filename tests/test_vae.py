@@ -24,7 +24,8 @@ import pytest
 from flax import nnx
 
 from magi_jax.convert import ConversionError
-from magi_jax.safetensors_io import open_checkpoint, save_file
+from magi_jax.safetensors_io import save_file
+from magi_jax.torch_weights import open_torch_weights
 from magi_jax.vae import RELEASED, TINY, Vae, VaeConfig, VaeConfigError, VaeModel
 from magi_jax.vae_tiling import TileConfig, flattens_to_view
 from magi_jax.vae_weights import build_vae, convert_vae, load_vae, random_vae, vae_rules
@@ -189,7 +190,7 @@ def test_config_errors_name_the_field(change, message):
 
 
 def _rewrite(src, dst, edit):
-    ckpt = open_checkpoint(src)
+    ckpt = open_torch_weights(src)
     tensors = {k: np.array(ckpt.get(k)) for k in ckpt.keys()}
     ckpt.close()
     edit(tensors)

@@ -15,7 +15,8 @@ import parity
 import pytest
 
 from magi_jax.config import from_dict
-from magi_jax.safetensors_io import open_checkpoint, save_file
+from magi_jax.safetensors_io import save_file
+from magi_jax.torch_weights import open_torch_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,7 @@ def _cli_main():
 @pytest.fixture(scope="module")
 def source():
     fx = next(fx for fx in parity.fixtures("dit") if not fx.meta["config"]["engine_config"]["fp8_quant"])
-    ck = open_checkpoint(fx.weights)
+    ck = open_torch_weights(fx.weights)
     tensors = {k: np.array(ck.get(k)) for k in ck.keys()}
     ck.close()
     return from_dict(fx.meta["config"], fx.name), tensors
