@@ -67,12 +67,12 @@ def main():
     mask = np.ones((2, lay.chunk_num, m.caption_max_length), np.float32)
 
     t0 = time.perf_counter()
-    for _ in sampler.chunks(cap, mask, seed=0):
-        pass
+    for c in sampler.chunks(cap, mask, seed=0):
+        c.block_until_ready()
     first = time.perf_counter() - t0
     compilations = sampler.compilations
     t0 = time.perf_counter()
-    chunks = list(sampler.chunks(cap, mask, seed=0))  # each chunk is a host array: the run is done
+    chunks = [np.asarray(c) for c in sampler.chunks(cap, mask, seed=0)]  # read on the host: the run is done
     wall = time.perf_counter() - t0
 
     # the forwards the schedule needs, each distinct shape timed alone

@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="device mesh: 'model=2,seq=4' or '2x4' (model x seq); default: all devices on the sequence axis",
     )
+    from magi_jax.pipeline import add_flags
+
+    add_flags(ap)  # compilation cache, timing summary, profile
     return ap.parse_args(argv)
 
 
@@ -221,6 +224,9 @@ def main(argv=None) -> int:
 
 
 def _main(argv=None) -> int:
+    import time
+
+    started = time.perf_counter()
     from magi_jax.convert import ConversionError
     from magi_jax.memory_plan import MemoryPlanError
     from magi_jax.sampler import NonFiniteError
@@ -232,16 +238,20 @@ def _main(argv=None) -> int:
     # what a user can fix: told in one line (conversion errors list the keys), never a traceback
     weights_errors = (CheckpointError, ConversionError, VaeConfigError, FileNotFoundError)
     args = parse_args(argv)
+    from magi_jax import compile_cache
+
+    compile_cache.enable(args.compilation_cache)  # before anything compiles
     maybe_initialize_distributed()  # on a pod: every host runs this same command
+    from magi_jax.pipeline import options_from_args, run
+
     try:
         plan = resolve(args)
+        options = options_from_args(args, started)
     except (UsageError, ConfigError, MediaError, MeshError, MemoryPlanError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from magi_jax.pipeline import run
-
     try:
-        run(plan)
+        run(plan, options)
     except (ConfigError, MediaError, *weights_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,17 +13,25 @@ the TINY variant runs with random weights.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax import compile_cache, sharding
+from magi_jax.chunk_sink import ChunkSink
 from magi_jax.config import MagiConfig
+from magi_jax.progress import Progress
+from magi_jax.timing import Timeline, render, summary, write_json
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -40,6 +48,15 @@ def _prefer_checkpoint(path: Path) -> Path:
     return converted if is_checkpoint(converted) else path
 
 
+def random_init(build):
+    """`build()` (a module made with nnx.Rngs) as one jitted program: one compilation, stored
+    in the compilation cache, instead of one small program per parameter (eager init), which
+    made the random-weights run's start slow even with a warm cache (the values differ from
+    eager init by rounding: random weights are noise either way)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(build))
+    return nnx.merge(graphdef, jax.block_until_ready(jax.jit(lambda: nnx.split(build())[1])()))
+
+
 def text_encoder(config: MagiConfig, random_weights: bool):
     """The T5 encoder: released weights from t5_pretrained, or a random tiny one."""
     import jax
@@ -48,7 +65,7 @@ def text_encoder(config: MagiConfig, random_weights: bool):
 
     if random_weights:
         cfg = dataclasses.replace(t5.TINY, d_model=config.model.caption_channels)
-        model = t5.T5Encoder(cfg, jnp.float32, rngs=nnx.Rngs(0))
+        model = random_init(lambda: t5.T5Encoder(cfg, jnp.float32, rngs=nnx.Rngs(0)))
         return t5.TextEncoder(model, t5.Tokenizer(ASSETS / "tiny_spiece.model"))
     if not config.runtime.t5_pretrained:
         raise FileNotFoundError("runtime_config.t5_pretrained is empty; pass --t5_ckpt (the folder with t5-v1_1-xxl)")
@@ -62,19 +79,20 @@ def dit_model(config: MagiConfig, random_weights: bool, source: Path | None, mes
     from magi_jax.dit_weights import load_dit
 
     if random_weights:
-        return DiT(config.model, fp8_quant=config.engine.fp8_quant, distill=config.engine.distill, rngs=nnx.Rngs(0))
+        eng = config.engine
+        return random_init(lambda: DiT(config.model, fp8_quant=eng.fp8_quant, distill=eng.distill, rngs=nnx.Rngs(0)))
     return load_dit(_prefer_checkpoint(source), config, mesh)
 
 
 def vae_model(config: MagiConfig, random_weights: bool):
-    from magi_jax.vae import TINY
+    from magi_jax.vae import TINY, Vae, VaeModel
     from magi_jax.vae_tiling import TileConfig
-    from magi_jax.vae_weights import load_vae, random_vae
+    from magi_jax.vae_weights import load_vae
 
     tiles = TileConfig.for_fps(config.runtime.fps)
     scale = config.runtime.scale_factor
     if random_weights:
-        return random_vae(TINY, scale_factor=scale, tiles=tiles)
+        return Vae(random_init(lambda: VaeModel(TINY, rngs=nnx.Rngs(0))), scale_factor=scale, tiles=tiles)
     if not config.runtime.vae_pretrained:
         raise FileNotFoundError("runtime_config.vae_pretrained is empty; pass --vae_ckpt (the released vae folder)")
     return load_vae(_prefer_checkpoint(Path(config.runtime.vae_pretrained)), scale_factor=scale, tiles=tiles)
@@ -89,17 +107,104 @@ def prefix_latents(plan, vae) -> np.ndarray | None:
     return None
 
 
-def run(plan) -> dict:
-    """Generates plan.output; returns a summary (frames, seconds, ...)."""
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, beyond what to generate (the Plan): speed and diagnostics."""
 
-    from magi_jax import sharding
+    overlap: bool = True  # decode and write while the sampler works; False: one thing at a time
+    json_summary: str | None = None  # write the timing summary here as JSON
+    profile: str | None = None  # write a jax.profiler trace here (after a warm-up pass)
+    compilation_cache: str | None = None  # folder, "off", or None: $MAGI_JAX_CACHE_DIR / the default
+    start: float | None = None  # time.perf_counter() when the run began (default: now)
+
+
+def add_flags(ap: argparse.ArgumentParser):
+    """The command's flags for RunOptions."""
+    g = ap.add_argument_group("speed and diagnostics")
+    g.add_argument(
+        "--compilation_cache",
+        default=None,
+        help="folder of the persistent compilation cache, or 'off' (default: $MAGI_JAX_CACHE_DIR, else "
+        "~/.cache/magi_jax/jax_cache)",
+    )
+    g.add_argument("--json_summary", default=None, help="write the timing summary to this JSON file")
+    g.add_argument("--profile", default=None, help="write a jax.profiler trace (TensorBoard / XProf) to this folder")
+    g.add_argument(
+        "--no_overlap", action="store_true", help="sample, decode and write one after the other (for comparisons)"
+    )
+
+
+def options_from_args(args: argparse.Namespace, start: float | None = None) -> RunOptions:
+    """The flags as RunOptions; a summary path that cannot be written is refused now, not after the run."""
+    from magi_jax.generate import UsageError
+
+    if args.json_summary:
+        target = Path(args.json_summary)
+        if target.is_dir():
+            raise UsageError(f"--json_summary {target} is a folder; give a file name, e.g. {target / 'summary.json'}")
+        parent = target.parent if str(target.parent) else Path(".")
+        if not parent.is_dir():
+            raise UsageError(f"--json_summary: folder {parent} does not exist; create it or choose another path")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"--json_summary: folder {parent} is not writable; choose another path")
+    return RunOptions(
+        overlap=not args.no_overlap,
+        json_summary=args.json_summary,
+        profile=args.profile,
+        compilation_cache=args.compilation_cache,
+        start=start,
+    )
+
+
+def _pipeline(sampler, vae, inputs, writer, sink_kw, on_dispatch=None):
+    """Chunks from the sampler (device arrays) -> decode dispatched at once -> the sink, which
+    reads and writes them (on its thread when overlapping); returns the sink."""
+    sink = ChunkSink(writer, **sink_kw)
+    try:
+        for k, latents in enumerate(sampler.chunks(*inputs[:2], prefix=inputs[2], on_dispatch=on_dispatch)):
+            with jax.profiler.TraceAnnotation(f"chunk {k}: decode dispatch"):
+                frames = None if writer is None else vae.decode_chunk(latents[0])
+            sink.put(latents, frames)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    return sink
+
+
+def run(plan, options: RunOptions | None = None) -> dict:
+    """Generates plan.output; returns the timing summary (see timing.py) and prints it."""
+    options = options or RunOptions()
+    start = time.perf_counter() if options.start is None else options.start
+    cache_dir = compile_cache.enable(options.compilation_cache)
+    with compile_cache.recording() as stats:
+        timeline = Timeline(stats, start)
+        timeline.mark_setup_done()
+        summary = _run(plan, options, timeline, cache_dir)
+    if sharding.is_writer():
+        _log(render(summary))
+        if options.json_summary:
+            write_json(options.json_summary, summary)
+    return summary
+
+
+@dataclass
+class Parts:
+    """What a run loads before sampling: the sampler (DiT inside), the VAE, and the sampler's
+    inputs (per-chunk captions and masks, prefix latents or None)."""
+
+    sampler: object
+    vae: object
+    inputs: tuple
+    layout: object
+
+
+def load_parts(plan, timeline: Timeline) -> Parts:
+    """Text encoder (loaded, used, freed), DiT, VAE, prefix latents; each timed in its phase."""
     from magi_jax.sampler import Sampler
     from magi_jax.special_tokens import sampler_captions, token_table
-    from magi_jax.video_io import VideoWriter
 
     cfg, m = plan.config, plan.config.model
-    start = time.time()
     if plan.random_weights:
         _log(
             "note: no weights given - running the TINY variant with random weights, so the video is noise. "
@@ -108,46 +213,128 @@ def run(plan) -> dict:
         )
 
     _log(f"[1/4] encoding the prompt ({'random tiny T5' if plan.random_weights else cfg.runtime.t5_pretrained})")
-    with text_encoder(cfg, plan.random_weights) as text:
+    # each load waits for its arrays: dispatch is asynchronous, and the next phase must not
+    # be charged for this one's work
+    with timeline.phase("load_t5"):
+        encoder = text_encoder(cfg, plan.random_weights)
+    with timeline.phase("text_encoding"), encoder as text:
         caption, mask = text.encode([plan.prompt], m.caption_max_length)
 
     mesh = None if plan.mesh is None else sharding.make_mesh(plan.mesh)
     _log("[2/4] loading the DiT and the VAE" + ("" if mesh is None else f", sharding over {dict(mesh.shape)}"))
-    dit = dit_model(cfg, plan.random_weights, plan.dit_source, mesh)
-    for path, scale in getattr(plan, "loras", ()):
-        from magi_jax.lora import merge_lora
+    with timeline.phase("load_dit"):
+        dit = dit_model(cfg, plan.random_weights, plan.dit_source, mesh)
+        for path, scale in getattr(plan, "loras", ()):
+            from magi_jax.lora import merge_lora
 
-        _log(f"      merging LoRA adapter {path} at scale {scale}")
-        merge_lora(dit, path, cfg, scale)
-    vae = vae_model(cfg, plan.random_weights)
-    prefix = prefix_latents(plan, vae)
-    sampler = Sampler(dit, cfg, mesh=mesh)
-    lay = sampler.layout(0 if prefix is None else prefix.shape[1])
-    null = np.asarray(dit.y_embedder.null_caption[...], np.float32)[None]
-    table = token_table(channels=m.caption_channels)
-    y, y_mask = sampler_captions(
-        caption[:, None], mask, null, lay.chunk_num, lay.clean_chunks, cfg.runtime, table, max_len=m.caption_max_length
+            _log(f"      merging LoRA adapter {path} at scale {scale}")
+            merge_lora(dit, path, cfg, scale)
+        sampler = Sampler(dit, cfg, mesh=mesh)
+        jax.block_until_ready(sampler.params)
+    with timeline.phase("load_vae"):
+        vae = vae_model(cfg, plan.random_weights)
+        jax.block_until_ready(vae.state)
+    with timeline.phase("prefix_encoding"):
+        prefix = prefix_latents(plan, vae)
+    with timeline.phase("text_encoding"):
+        lay = sampler.layout(0 if prefix is None else prefix.shape[1])
+        null = np.asarray(dit.y_embedder.null_caption[...], np.float32)[None]
+        table = token_table(channels=m.caption_channels)
+        y, y_mask = sampler_captions(
+            caption[:, None],
+            mask,
+            null,
+            lay.chunk_num,
+            lay.clean_chunks,
+            cfg.runtime,
+            table,
+            max_len=m.caption_max_length,
+        )
+    return Parts(sampler, vae, (y, y_mask, prefix), lay)
+
+
+def _run(plan, options: RunOptions, timeline: Timeline, cache_dir) -> dict:
+    cfg = plan.config
+    parts = load_parts(plan, timeline)
+    sampler, vae, inputs, lay = parts.sampler, parts.vae, parts.inputs, parts.layout
+    chunks = lay.chunk_num - lay.clean_chunks
+    writer_here = sharding.is_writer()  # on a pod every host samples its shards; process 0 writes
+    if options.profile:  # compile and run everything once, so the trace shows the steady state
+        _log("[3/4] warm-up pass before profiling (compiles every program)")
+        with timeline.phase("warmup"):
+            _pipeline(sampler, vae, inputs, None if not writer_here else _Discard(), {"overlap": False})
+    _log(f"[3/4] sampling {chunks} chunks of {lay.chunk_width} latent frames, {cfg.runtime.num_steps} steps each")
+    with _tracing(options.profile):
+        sink = _generate(plan, options, timeline, parts)
+    timeline.first_chunk = sink.first_written
+    timeline.finish()
+    if writer_here:
+        _log(f"[4/4] wrote {plan.output}: {sink.frames} frames at {cfg.runtime.fps} fps in {timeline.end:.1f}s")
+    return summary(
+        timeline,
+        sink.times,
+        frames=sink.frames,
+        fps=cfg.runtime.fps,
+        output=plan.output,
+        cache_dir=cache_dir,
+        overlap=options.overlap,
     )
 
+
+@contextlib.contextmanager
+def _tracing(folder):
+    """A jax.profiler trace of the block into `folder` (TensorBoard / XProf), when given."""
+    if not folder:
+        yield
+        return
+    import jax.profiler
+
+    jax.profiler.start_trace(str(folder))
+    try:
+        yield
+    finally:
+        jax.profiler.stop_trace()
+
+
+def _generate(plan, options: RunOptions, timeline: Timeline, parts: Parts):
+    """The pipeline into the mp4, with progress; its seconds go into `timeline`."""
+    from magi_jax.video_io import VideoWriter
+
+    cfg, lay = plan.config, parts.layout
+    sampler, vae, inputs = parts.sampler, parts.vae, parts.inputs
     chunks = lay.chunk_num - lay.clean_chunks
-    _log(f"[3/4] sampling {chunks} chunks of {lay.chunk_width} latent frames, {cfg.runtime.num_steps} steps each")
-    frames = 0
-    writer_here = sharding.is_writer()  # on a pod every host samples its shards; process 0 writes
-    interactive = sys.stderr.isatty() and writer_here
+    writer_here = sharding.is_writer()
     output = VideoWriter(plan.output, cfg.runtime.fps) if writer_here else contextlib.nullcontext()
-    bars = tqdm(total=chunks, desc="chunks", unit="chunk", file=sys.stderr, disable=None if writer_here else True)
-    with output as writer, bars as bar:
-        steps = tqdm(desc="steps", unit="step", file=sys.stderr, leave=False) if interactive else None
-        if steps is not None:
-            sampler.on_step = lambda: steps.update(1)
-        for latents in sampler.chunks(y, y_mask, prefix=prefix):
-            if writer is not None:
-                video = vae.decode_latents(latents[0])
-                writer.write(video)
-                frames += len(video)
-            bar.update(1)
-        if steps is not None:
-            steps.close()
-    seconds = time.time() - start
-    _log(f"[4/4] wrote {plan.output}: {frames} frames at {cfg.runtime.fps} fps in {seconds:.1f}s")
-    return {"frames": frames, "seconds": seconds, "compilations": sampler.compilations}
+    with Progress(chunks, sampler_steps(cfg, lay), enabled=writer_here) as progress:
+        with output as writer:
+            sink = _pipeline(
+                sampler,
+                vae,
+                inputs,
+                writer,
+                dict(
+                    overlap=options.overlap,
+                    on_written=progress.chunk_written,
+                    clock=timeline.clock,
+                    start=timeline.start,
+                ),
+                on_dispatch=progress.dispatched if progress.wants_steps else None,
+            )
+            close_start = timeline.clock()
+        timeline.seconds["writing"] += timeline.clock() - close_start  # ffmpeg's flush and the rename
+    sink.times = timeline.add_pipeline(sink.times)
+    return sink
+
+
+class _Discard:
+    """A writer that drops frames (the profile's warm-up pass)."""
+
+    def write(self, frames):
+        pass
+
+
+def sampler_steps(config: MagiConfig, lay) -> int:
+    """Steps (forwards over the window) the sampler runs for this layout: the step bar's total."""
+    from magi_jax.sampler import plan
+
+    return sum(int(g.count) for stage in plan(config, lay) for g in stage.groups)

@@ -276,7 +276,6 @@ class Program:
 
     graphdef: nnx.GraphDef
     config: MagiConfig
-    on_step: Callable | None = None  # host callback after each step (progress); it syncs with the host
 
 
 def _window(x, start_frame, frames):
@@ -326,8 +325,6 @@ def advance(program: Program, params, state: SamplerState, run: RunInputs, group
             dt = jnp.repeat(plan_i.dt, cw)[None, :, None, None]
             x_new = (xw + v * dt).astype(st.x.dtype)
             x = jax.lax.dynamic_update_slice(st.x, x_new, (0, group.first_chunk * cw, 0, 0))
-        if program.on_step is not None:
-            jax.debug.callback(program.on_step, i, ordered=True)
         return SamplerState(x, cache), _first_non_finite(bad, i, x_new, group.first_chunk, cw)
 
     state, bad = jax.lax.fori_loop(0, group.count, step, (state, jnp.full((2,), -1, jnp.int32)))
@@ -386,6 +383,23 @@ def prefix_call(config: MagiConfig, lay: Layout) -> ForwardCall:
     return plan_call(config, Window(chunks=k), step, chunk_geometry(config, lay))
 
 
+def _dispatches(group: Group, one_by_one: bool):
+    """The group as dispatched: whole, or one step at a time with its step records shifted
+    (same shapes and a traced count: the same compiled program, the same arithmetic)."""
+    if not one_by_one:
+        yield group
+        return
+    for j in range(int(group.count)):
+        steps = jax.tree.map(lambda v, j=j: np.concatenate([v[j:], np.repeat(v[-1:], j, 0)]), group.steps)
+        yield dataclasses.replace(group, steps=steps, count=np.int32(1))
+
+
+@jax.jit
+def _marker(x):
+    """A scalar that is ready when `x` is (x itself is donated to the next step)."""
+    return x[0, 0, 0, 0]
+
+
 class Sampler:
     """Generates latent chunks with a DiT; compiled functions are reused across runs.
 
@@ -401,7 +415,6 @@ class Sampler:
             model = sharding.place(model, mesh)
         self.graphdef, self.params = nnx.split(model)
         self.steps_done = 0  # sampler steps dispatched in the current run
-        self.on_step: Callable[[], None] | None = None  # called after every step when set
         self.cache_sharding = None
         # a partial per sampler: jit's cache is per function object, so its size counts this
         # sampler's compilations
@@ -412,12 +425,8 @@ class Sampler:
     def compilations(self) -> int:
         return self._advance._cache_size() + self._prefix._cache_size()
 
-    def _step_done(self, _):
-        if self.on_step is not None:
-            self.on_step()
-
     def _program(self) -> Program:
-        return Program(self.graphdef, self.config, self._step_done if self.on_step is not None else None)
+        return Program(self.graphdef, self.config)
 
     def layout(self, prefix_frames: int = 0) -> Layout:
         return layout(self.config, prefix_frames)
@@ -434,14 +443,23 @@ class Sampler:
         prefix: np.ndarray | None = None,
         noise: np.ndarray | None = None,
         seed: int | None = None,
-    ) -> Iterator[np.ndarray]:
+        on_dispatch: Callable[[int, jax.Array], None] | None = None,
+    ) -> Iterator[jax.Array]:
         """Yields each clean chunk's latents (1, C, frames, h, w) as soon as it leaves the window.
+
+        The latents are a device array, handed out without waiting for the device: the
+        caller decides when to read them, so the next stage is dispatched before anything
+        waits (the generate pipeline decodes and writes the chunk meanwhile).
 
         caption, caption_mask: (2, chunk_num, L, Cc) / (2, chunk_num, L) - per chunk the
         caption (row 0, null caption for clean prefix chunks) and the null caption (row 1),
         as `text_inputs` prepares them. prefix: (C, frames, h, w) clean latents (I2V: one
         frame, V2V: several), in the VAE's dtype. noise: (C, T, h, w) to replay a run; else
-        drawn from `seed` (the config's by default).
+        drawn from `seed` (the config's by default). on_dispatch(steps, marker): progress;
+        called after every step is dispatched, with a small device array that becomes ready
+        when the step is done (steps are then dispatched one by one, through the same
+        compiled programs: no host callback is compiled in, which would keep the programs
+        out of the compilation cache and fails on more than one device).
         """
         cfg = self.config
         prefix_frames = 0 if prefix is None else int(prefix.shape[1])
@@ -490,24 +508,31 @@ class Sampler:
         self.steps_done = 0
         total = sum(g.count for st in stages for g in st.groups)
         pending = []  # (steps before, group, its [first bad step, chunk]) not yet read back
+        earlier = []  # the same for the stages before the current one
         for stage in stages:
             with self._mesh_context():
                 for g in stage.groups:
-                    done_before = self.steps_done
-                    self.steps_done += g.count
-                    state, bad = self._advance(program, self.params, state, run, g)
-                    pending.append((done_before, g, bad))
+                    for dispatch in _dispatches(g, one_by_one=on_dispatch is not None):
+                        done_before = self.steps_done
+                        self.steps_done += int(dispatch.count)
+                        state, bad = self._advance(program, self.params, state, run, dispatch)
+                        pending.append((done_before, dispatch, bad))
+                        if on_dispatch is not None:
+                            on_dispatch(int(dispatch.count), _marker(state.x))
             self.cache_sharding = state.cache.k.sharding  # where the cache lives (for checks and logs)
             if stage.done_chunk is not None:
-                _raise_non_finite(pending, total)  # read when the host syncs anyway: dispatch stays async
+                # NaN/Inf flags of the earlier stages only: they are done (or nearly) while this
+                # stage runs, so reading them does not make the host wait for this stage
+                _raise_non_finite(earlier, total)
+                earlier, pending = pending, []
                 yield self._clean_chunk(state, lay, stage.done_chunk)
-        _raise_non_finite(pending, total)
+        _raise_non_finite(earlier + pending, total)
 
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @staticmethod
-    def _clean_chunk(state: SamplerState, lay: Layout, chunk: int) -> np.ndarray:
+    def _clean_chunk(state: SamplerState, lay: Layout, chunk: int) -> jax.Array:
         """A finished chunk's frames; prefix frames are not handed out again, except that I2V
         keeps its first chunk whole (the generated version of the conditioning frame)."""
         cw = lay.chunk_width
@@ -517,4 +542,4 @@ class Sampler:
         x = state.x
         if not x.is_fully_addressable:  # multi-host: the latents are replicated, read this host's copy
             x = x.addressable_data(0)
-        return np.asarray(x[:, start : (chunk + 1) * cw])[None]
+        return x[None, :, start : (chunk + 1) * cw]  # dispatched before the next stage donates x

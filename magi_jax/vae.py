@@ -31,7 +31,8 @@ kept; a single latent frame decodes to a single frame (the first of its pt frame
 
 The blocks are stacked on a leading layer axis and run with `lax.scan`. `Vae` wraps the
 model with one jitted function per input shape and the pixel pipeline of vae_tiling.py:
-`vae_weights.load_vae(path) -> Vae`, `Vae.encode_pixels`, `Vae.encode_image`, `Vae.decode_latents`.
+`vae_weights.load_vae(path) -> Vae`, `Vae.encode_pixels`, `Vae.encode_image`, `Vae.decode_chunk`
+(device in, device out: what the generate pipeline uses) and `Vae.decode_latents` (numpy).
 
 Shapes: B batch, T/H/W frames/height/width in pixels, t/h/w the latent grid, D width,
 N tokens, Hd heads, Dh head dim, M MLP width, z latent channels.
@@ -57,10 +58,10 @@ from magi_jax.vae_tiling import (
     TileConfig,
     check_latents,
     check_video,
+    decode_tiles_traced,
     frames_to_model,
-    model_to_uint8,
-    tiled_decode,
     tiled_encode,
+    to_uint8_traced,
 )
 
 f32 = jnp.float32
@@ -472,14 +473,17 @@ class Vae:
 
     encode_pixels(video uint8 (T, H, W, 3)) -> latents (z, t, h, w), times scale_factor
     encode_image(image uint8 (H, W, 3))     -> latents (z, 1, h, w), times scale_factor
-    decode_latents(latents (z, t, h, w))    -> frames uint8 (T', H, W, 3)
-    Latents are numpy in the model dtype (bfloat16, as upstream hands the prefix to the DiT);
-    decode accepts any float dtype and an optional leading batch axis of 1.
+    decode_chunk(latents (z, t, h, w))      -> frames uint8 (T', H, W, 3), a device array
+    decode_latents(latents (z, t, h, w))    -> the same frames as numpy
+    Encoded latents are numpy in the model dtype (bfloat16, as upstream hands the prefix to
+    the DiT); decode accepts any float dtype and an optional leading batch axis of 1.
 
     Tiles follow `TileConfig` (default: upstream's 256x256 px, 12 frames, overlap 0.25;
-    use `TileConfig.for_fps(fps)`). Each tile runs one jitted call, compiled once per tile
-    shape, so only one tile's activations live on the device at a time; tiles are blended
-    and assembled on the host.
+    use `TileConfig.for_fps(fps)`). Encoding runs one jitted call per tile and blends on
+    the host. Decoding a chunk is one jitted program (compiled once per latent shape and
+    tiling): tiles of one shape run in a loop, so only one tile's activations live on the
+    device at a time, and blending and the uint8 mapping happen on the device - the host
+    dispatches it and moves on, nothing waits until the frames are read.
     """
 
     def __init__(self, model: VaeModel, *, scale_factor: float = SCALE_FACTOR, tiles: TileConfig | None = None):
@@ -495,6 +499,18 @@ class Vae:
 
         self._jit = {m: jax.jit(functools.partial(call, m)) for m in ("moments", "encode")}
         self._jit["decode"] = jax.jit(functools.partial(call, "decode"), static_argnums=2)
+
+        def chunk(state, latents, tiles: TileConfig, uint8: bool):
+            model = nnx.merge(graphdef, state)
+            cfg = model.cfg
+            z = latents.astype(f32) / np.float32(self.scale_factor)
+            with jax.named_scope("vae_decode_chunk"):  # tiles, blending (each tile's decoder: vae_decode)
+                frames = decode_tiles_traced(z[None], model.decode, tiles, cfg.patch_length, cfg.patch_size)[0]
+            if uint8:
+                frames = to_uint8_traced(frames)
+            return frames.transpose(1, 2, 3, 0)
+
+        self._jit["decode_chunk"] = jax.jit(chunk, static_argnames=("tiles", "uint8"))
 
     @property
     def model(self) -> VaeModel:
@@ -514,9 +530,6 @@ class Vae:
 
     def _encode_tile(self, x: np.ndarray) -> np.ndarray:
         return np.asarray(self.encode(x))
-
-    def _decode_tile(self, z: np.ndarray, strided: bool) -> np.ndarray:
-        return np.asarray(self.decode(z, strided))
 
     # the pixel pipeline -----------------------------------------------------------------
     def _encode_tiled(self, video: np.ndarray, tiles: TileConfig | None) -> np.ndarray:
@@ -545,21 +558,25 @@ class Vae:
             raise ValueError(f"expected one image (H, W, 3) or (1, H, W, 3), got shape {image.shape}")
         return self.encode_pixels(image, tiles)
 
-    def _decode_tiled(self, latents, tiles: TileConfig | None) -> np.ndarray:
-        """latents (z, t, h, w) times scale_factor -> frames (3, T', H, W) in the model dtype."""
-        cfg = self.config
-        lat = check_latents(latents, cfg.z_chans)
-        z = lat.astype(np.float32) / np.float32(self.scale_factor)
-        return tiled_decode(z[None], self._decode_tile, tiles or self.tiles, cfg.patch_length, cfg.patch_size)[0]
+    def decode_chunk(self, latents, tiles: TileConfig | None = None, *, uint8: bool = True) -> jax.Array:
+        """Upstream's decode_chunk as one device program: latents (z, t, h, w) times
+        scale_factor (numpy or a device array) -> frames (T', H, W, 3), uint8 (or the model
+        dtype in about [-1, 1] with `uint8=False`), left on the device: reading them
+        (`np.asarray`) is what waits. A tile of one latent frame yields one frame, so a chunk
+        of t latent frames gives 4*t frames, or fewer when a temporal tile holds one.
+        """
+        lat = check_latents(latents, self.config.z_chans)
+        if isinstance(lat, jax.Array):
+            home = next(iter(jax.tree.leaves(self.state))).sharding
+            if lat.sharding.device_set != home.device_set:  # e.g. latents sharded over a mesh
+                lat = jax.device_put(lat, home)
+        return self._jit["decode_chunk"](self.state, lat, tiles or self.tiles, uint8)
 
     def decode_float(self, latents, tiles: TileConfig | None = None) -> np.ndarray:
-        """latents (z, t, h, w) times scale_factor -> frames (T', H, W, 3) in about [-1, 1].
-
-        Frames are in the model dtype. A tile of one latent frame yields one frame, so a
-        chunk of t latent frames gives 4*t frames, or fewer when a temporal tile holds one.
-        """
-        return np.ascontiguousarray(self._decode_tiled(latents, tiles).transpose(1, 2, 3, 0))
+        """latents (z, t, h, w) times scale_factor -> frames (T', H, W, 3) in about [-1, 1],
+        in the model dtype, as numpy."""
+        return np.asarray(self.decode_chunk(latents, tiles, uint8=False))
 
     def decode_latents(self, latents, tiles: TileConfig | None = None) -> np.ndarray:
         """Upstream's decode_chunk: latents (z, t, h, w) times scale_factor -> uint8 (T', H, W, 3)."""
-        return np.ascontiguousarray(model_to_uint8(self._decode_tiled(latents, tiles)).transpose(1, 2, 3, 0))
+        return np.asarray(self.decode_chunk(latents, tiles))

@@ -3,8 +3,8 @@
 Upstream encodes a prefix video and decodes every generated chunk in overlapping tiles
 (256x256 pixels, fps/2 frames, spatial overlap 0.25, no temporal overlap by default), so a
 720p chunk never needs more than one tile's activations. This module reproduces that
-exactly, including its rounding, on the host (numpy), around a per-tile function that the
-caller supplies (one jitted device call per tile, see vae.py):
+exactly, including its rounding: encode on the host (numpy) around a per-tile device call,
+decode as one traced program per chunk (`decode_tiles_traced`, jitted in vae.py):
 
   * tiles start every `stride` units and span `size` units (the last ones are shorter);
     a tile's output is blended with the previous tile along t, then h, then w over
@@ -109,14 +109,14 @@ def check_video(video, patch: int, patch_length: int) -> np.ndarray:
     return video
 
 
-def check_latents(latents, z_chans: int) -> np.ndarray:
-    """(z, t, h, w) or (1, z, t, h, w) -> (z, t, h, w) as numpy."""
-    lat = np.asarray(latents)
+def check_latents(latents, z_chans: int):
+    """(z, t, h, w) or (1, z, t, h, w) -> (z, t, h, w); a device array stays on its device."""
+    lat = latents if hasattr(latents, "shape") and hasattr(latents, "dtype") else np.asarray(latents)
     if lat.ndim == 5 and lat.shape[0] == 1:
         lat = lat[0]
     if lat.ndim != 4 or lat.shape[0] != z_chans or 0 in lat.shape:
         raise ValueError(f"expected latents ({z_chans}, t, h, w) or (1, {z_chans}, t, h, w), got shape {lat.shape}")
-    if not np.issubdtype(lat.dtype, np.floating) and lat.dtype != bf16:
+    if not np.issubdtype(np.dtype(lat.dtype), np.floating) and lat.dtype != bf16:
         raise ValueError(f"expected float latents, got {lat.dtype}")
     return lat
 
@@ -312,15 +312,80 @@ def flattens_to_view(parent: tuple[int, ...], window: tuple[int, ...]) -> bool:
     return True
 
 
-def tiled_decode(z: np.ndarray, decode_tile, tiles: TileConfig, patch_length: int, patch: int) -> np.ndarray:
-    """Unscaled latents (B, z, t, h, w) -> blended frames (B, 3, T, H, W).
+def decode_tiles_traced(z, decode_tile, tiles: TileConfig, patch_length: int, patch: int):
+    """Traced (inside jit): unscaled latents z (B, zc, t, h, w) float32 -> blended frames
+    (B, 3, T, H, W) in the decoder's dtype, as `run_tiles(..., raw_neighbours=True)` does on
+    the host, but as one device program: no host round trip per tile.
 
-    `decode_tile(tile, strided)` is told whether upstream's decoder saw the tile's tokens as
-    a strided view of z (see vae.Decoder), which changes its first Linear's rounding.
+    Tiles of one shape (and one `strided` flag, see `flattens_to_view`) run through one
+    `lax.map` over a stack of their windows, so the program holds one decoder per tile
+    shape and only one tile's activations are live at a time, as with per-tile calls.
+    Blending reads the neighbours' raw outputs in float32 and rounds once per axis.
+    `decode_tile(tile, strided)` is the untiled decoder (B, zc, t', h', w') -> frames.
     """
-    parent = z.shape[2:]
+    import jax
+    import jax.numpy as jnp
 
-    def run(tile):
-        return decode_tile(tile, flattens_to_view(parent, tile.shape[2:]))
+    axes = plan(tiles, patch_length, patch, decode=True)
+    grid = tuple(z.shape[2:])
+    starts = [ax.starts(n) for ax, n in zip(axes, grid)]
+    counts = [len(s) for s in starts]
+    order = list(itertools.product(*map(range, counts)))
 
-    return run_tiles(z, run, plan(tiles, patch_length, patch, decode=True), raw_neighbours=True)
+    def window(key):
+        lo = [s[k] for s, k in zip(starts, key)]
+        return tuple(slice(a, min(a + ax.size, n)) for a, ax, n in zip(lo, axes, grid))
+
+    groups: dict[tuple, list] = {}
+    for key in order:
+        w = window(key)
+        shape = tuple(s.stop - s.start for s in w)
+        groups.setdefault((shape, flattens_to_view(grid, shape)), []).append(key)
+    raw = {}
+    for (_, strided), keys in groups.items():
+        if len(keys) == 1:
+            raw[keys[0]] = decode_tile(z[(slice(None), slice(None), *window(keys[0]))], strided)
+            continue
+        stack = jnp.stack([z[(slice(None), slice(None), *window(k))] for k in keys])
+        out = jax.lax.map(lambda tile, strided=strided: decode_tile(tile, strided), stack)
+        raw.update({k: out[i] for i, k in enumerate(keys)})
+
+    def blend(a, b, extent: int, axis: int):
+        e = min(a.shape[axis], b.shape[axis], extent)
+        if e <= 0:
+            return b
+        shape = [1] * b.ndim
+        shape[axis] = e
+        w_b = np.array([k / e for k in range(e)], f32).reshape(shape)
+        w_a = np.array([1 - k / e for k in range(e)], f32).reshape(shape)
+        old = jax.lax.slice_in_dim(a, a.shape[axis] - e, a.shape[axis], axis=axis).astype(jnp.float32)
+        new = jax.lax.slice_in_dim(b, 0, e, axis=axis).astype(jnp.float32)
+        mixed = (old * w_a + new * w_b).astype(b.dtype)
+        return jnp.concatenate([mixed, jax.lax.slice_in_dim(b, e, b.shape[axis], axis=axis)], axis=axis)
+
+    slices, rows, row = [], [], []
+    for key in order:
+        tile = raw[key]
+        for ax_i, ax in enumerate(axes):
+            if key[ax_i] > 0 and ax.blend > 0:
+                prev = list(key)
+                prev[ax_i] -= 1
+                tile = blend(raw[tuple(prev)], tile, ax.blend, 2 + ax_i)
+        row.append(tile[:, :, : axes[0].keep, : axes[1].keep, : axes[2].keep])
+        if key[2] == counts[2] - 1:
+            rows.append(jnp.concatenate(row, axis=4))
+            row = []
+            if key[1] == counts[1] - 1:
+                slices.append(jnp.concatenate(rows, axis=3))
+                rows = []
+    return jnp.concatenate(slices, axis=2)
+
+
+def to_uint8_traced(x):
+    """`model_to_uint8` inside jit: trunc(clamp(x*127.5 + 127.5)), each step rounded to x's dtype."""
+    import jax.numpy as jnp
+
+    dt = x.dtype
+    y = (x.astype(jnp.float32) * f32(127.5)).astype(dt)
+    y = (y.astype(jnp.float32) + f32(127.5)).astype(dt)
+    return jnp.clip(jnp.nan_to_num(y.astype(jnp.float32)), 0, 255).astype(jnp.uint8)

@@ -9,6 +9,8 @@
 import os
 
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# Tests never read or write the user's compilation cache (the cache tests pass their own folder).
+os.environ["MAGI_JAX_CACHE_DIR"] = "off"
 
 import jax  # noqa: E402
 

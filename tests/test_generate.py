@@ -192,11 +192,11 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
 
     calls = []
 
-    def failing_decode(self, latents, tiles=None):
+    def failing_decode(self, latents, tiles=None, **kw):
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vae.Vae, "decode_latents", failing_decode)
+    monkeypatch.setattr(vae.Vae, "decode_chunk", failing_decode)
     with pytest.raises(KeyboardInterrupt):
         main(["--prompt", "p", "--output_path", str(tmp_path / "x.mp4"), *FAST])
     assert calls and list(tmp_path.iterdir()) == []

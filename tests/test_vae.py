@@ -27,7 +27,7 @@ from magi_jax.convert import ConversionError
 from magi_jax.safetensors_io import save_file
 from magi_jax.torch_weights import open_torch_weights
 from magi_jax.vae import RELEASED, TINY, Vae, VaeConfig, VaeConfigError, VaeModel
-from magi_jax.vae_tiling import TileConfig, flattens_to_view
+from magi_jax.vae_tiling import TileConfig, flattens_to_view, model_to_uint8, plan, run_tiles
 from magi_jax.vae_weights import build_vae, convert_vae, load_vae, random_vae, vae_rules
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -323,17 +323,30 @@ def test_image_path_and_frame_counts(tiny_vae):
     assert tiny_vae.decode_latents(lat, TileConfig(sample_length=16)).shape == (16, 64, 80, 3)
 
 
-def test_tiles_of_equal_shape_share_one_compilation():
+def test_chunk_decodes_as_one_program_equal_to_tile_by_tile():
+    """A chunk decodes in one jitted program (tiles looped and blended on the device), compiled
+    once per latent shape, and gives the frames of the host path: one decoder call per tile,
+    blended in numpy against the neighbours' raw outputs."""
     vae = random_vae(TINY, jnp.bfloat16)
     tiles = TileConfig(sample_height=64, sample_width=64, sample_length=12)
     lat = np.random.default_rng(1).standard_normal((16, 4, 20, 20)).astype(np.float32)
     # latent tiles of 8 every 6: spatial sizes {8, 2}, temporal {3, 1} -> 32 tiles, 8 shapes
     frames = vae.decode_latents(lat, tiles)
     assert frames.shape == (13, 160, 160, 3)  # kept 48 + 48 + 48 + 16 px per axis
-    compiled = vae._jit["decode"]._cache_size()
-    assert compiled == 8, compiled
-    vae.decode_latents(lat, tiles)
-    assert vae._jit["decode"]._cache_size() == compiled
+    vae.decode_latents(lat * 0.5, tiles)
+    assert vae._jit["decode_chunk"]._cache_size() == 1
+
+    z = lat[None] / np.float32(vae.scale_factor)
+    axes = plan(tiles, TINY.patch_length, TINY.patch_size, decode=True)
+    tile_calls = []
+
+    def one_tile(tile):
+        tile_calls.append(tile.shape)
+        return np.asarray(vae.decode(tile, flattens_to_view(z.shape[2:], tile.shape[2:])))
+
+    host = run_tiles(z, one_tile, axes, raw_neighbours=True)[0]
+    assert len(tile_calls) == 32
+    np.testing.assert_array_equal(frames, model_to_uint8(host).transpose(1, 2, 3, 0))
 
 
 def test_flattens_to_view_matches_numpy():
