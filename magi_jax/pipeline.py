@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax import run_guard
 from magi_jax.config import MagiConfig
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -141,6 +142,7 @@ def run(plan) -> dict:
         if steps is not None:
             sampler.on_step = lambda: steps.update(1)
         for latents in sampler.chunks(y, y_mask, prefix=prefix):
+            run_guard.check()  # a signal swallowed inside a gc callback stops the run here
             if writer is not None:
                 video = vae.decode_latents(latents[0])
                 writer.write(video)
