@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax import compile_cache, sharding
+from magi_jax import compile_cache, run_guard, sharding
 from magi_jax.chunk_sink import ChunkSink
 from magi_jax.config import MagiConfig
 from magi_jax.progress import Progress
@@ -162,6 +162,7 @@ def _pipeline(sampler, vae, inputs, writer, sink_kw, on_dispatch=None):
     sink = ChunkSink(writer, **sink_kw)
     try:
         for k, latents in enumerate(sampler.chunks(*inputs[:2], prefix=inputs[2], on_dispatch=on_dispatch)):
+            run_guard.check()  # a signal swallowed inside a gc callback stops the run here
             with jax.profiler.TraceAnnotation(f"chunk {k}: decode dispatch"):
                 frames = None if writer is None else vae.decode_chunk(latents[0])
             sink.put(latents, frames)
