@@ -73,6 +73,7 @@ class _AttentionShape:
     span: int  # rows a chunk's slice reads (Window.kv_span)
     length: int  # caption tokens
     kv_row: int  # bytes of one key row (G x D in the params dtype)
+    kv_heads_dim: int  # G x D per device (kv_row / kv_heads_dim: bytes per element)
 
 
 def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
@@ -80,9 +81,9 @@ def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
 
     xla: the (G, K, D) copy of the key buffer the flash loop reads; per row one float32 score
     tile, Q_BLOCK queries x one key block (the probabilities are computed into it). dpa: the
-    buffer padded by `span` rows; a chunk's whole float32 scores and probabilities (the
-    portable path does not tile). cudnn / pallas: the padded buffer; scores stay on chip,
-    only the softmax statistics reach memory."""
+    buffer padded by `span` rows; a chunk's whole scores (the portable path does not tile).
+    cudnn / pallas: the padded buffer; scores stay on chip, only the softmax statistics reach
+    memory."""
     q = min(a.n, Q_BLOCK)
     if impl == "xla":
         kb = min(a.n * (K_BLOCK // a.n) if a.n <= K_BLOCK else K_BLOCK, a.keys)
@@ -90,7 +91,11 @@ def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
         return a.rows * 2 * a.keys * a.kv_row, score * kb, score * min(K_BLOCK, a.length)
     padded = a.rows * 2 * (a.keys + a.span) * a.kv_row
     if impl == "dpa":
-        return padded, a.rows * a.heads * a.n * a.span * 4 * 2, a.rows * a.heads * a.n * a.length * 4 * 2
+        item = a.kv_row // a.kv_heads_dim  # bytes of an input element
+        # float32 scores and probabilities; 16-bit inputs add the scores and probabilities in
+        # their dtype and the boolean mask
+        per = a.rows * a.heads * a.n * (4 * 2 + (2 * item + 1 if item < 4 else 0))
+        return padded, per * a.span, per * a.length
     return padded, a.rows * a.heads * a.n * 4 * 2, a.rows * a.heads * a.n * 4 * 2
 
 
@@ -148,14 +153,15 @@ def plan_memory(
             kv = rows * 2 * keys * kv_row + 2 * window * kv_row  # the key buffer per row, the cache window
             qkv = rows * s * (2 * h + 2 * g) * hd * pd // model_split
             span = min(call.kv_span or keys, keys)
-            shape = _AttentionShape(rows, h // model_split or 1, n, keys, span, length, kv_row)
+            shape = _AttentionShape(rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split)
             layout_kv, tile, cross = _attention_bytes(impl, shape)
             kv += layout_kv
             cross += rows * r * length * 2 * kv_row  # the chunks' caption keys and values
             proj = rows * s * (2 * h * hd * pd // model_split + 3 * d * 4)
             mlp = rows * s * ffn * (pd + 4) // model_split
-            caption_row = r * length * cc * 4  # one guidance row's captions for the window
-            captions = (2 + (3 if rows == 2 else 1)) * caption_row + rows * r * length * dx * (4 + pd)
+            # the window's projected captions (float32, then params_dtype), held through the layers;
+            # base models also hold the null caption's chunks for the unconditional pass
+            captions = rows * r * length * dx * (4 + pd) + (rows // 2) * r * length * cc * 4
             working = carry + kv + qkv + max(tile, cross, proj, mlp) + captions
             largest = max(largest, working)
     return MemoryPlan(params, cache, largest + inputs + upcast, sizes)
@@ -213,7 +219,8 @@ def compiled_step_memory(config: MagiConfig, prefix_frames: int = 0, impl: str |
         sds((), jnp.int32),
     )
     group = jax.tree.map(lambda a: sds(np.shape(a), np.asarray(a).dtype), big)
-    step = jax.jit(advance, static_argnums=0, donate_argnums=2)
+    # a fresh function: jit's trace cache is per function, and the implementation is read at trace time
+    step = jax.jit(lambda *a: advance(*a), static_argnums=0, donate_argnums=2)
     abstract = jax.tree.map(lambda a: sds(a.shape, a.dtype), params)
     with attention.using(impl):
         compiled = step.lower(Program(graphdef, config), abstract, state, run, group).compile()

@@ -1,4 +1,4 @@
-"""The memory plan: within 12% of what XLA really allocates for the sampler's largest step, for
+"""The memory plan: within 10% of what XLA really allocates for the sampler's largest step, for
 each attention implementation that runs here, divided by the mesh as the sharding table says,
 and refusing runs that cannot fit."""
 
@@ -23,11 +23,11 @@ CONFIGS = {
 
 @pytest.mark.parametrize("impl", available_implementations())
 @pytest.mark.parametrize("name", CONFIGS)
-def test_plan_within_12_percent_of_allocation(name, impl):
+def test_plan_within_10_percent_of_allocation(name, impl):
     cfg = CONFIGS[name]()
     measured = compiled_step_memory(cfg, impl=impl)
     planned = plan_memory(cfg, impl=impl).total
-    assert 0.88 * measured <= planned <= 1.12 * measured, (planned, measured)
+    assert 0.9 * measured <= planned <= 1.1 * measured, (planned, measured)
 
 
 def test_plan_divides_over_the_mesh():
