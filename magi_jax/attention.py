@@ -2,39 +2,46 @@
 
 MAGI-1's attention is organised by chunks. Self-attention: the queries of chunk c see the
 keys whose global token position lies in `kv_range[c] = [start, end)` - earlier (cached)
-chunks and the chunks of this call, never later ones, no causal mask inside. Keys come
-from two places laid side by side: a window of the KV cache (positions below
-`cache_end`, rows past it were never written and are masked) and the keys this call
-computes. Cross-attention: each chunk sees only its own caption's unmasked tokens.
+chunks and the chunks of this call, never later ones, no causal mask inside. Keys are laid
+out once per layer as one buffer indexed by global position (`key_buffer`: the cache window,
+then this call's keys), so each chunk's visible keys are one contiguous run of rows: a
+chunk reads a static-size slice (`span`, the widest range the schedule gives a chunk) at its
+range's start, plus a length mask. Nothing is sorted, gathered or repeated per query head.
+Cross-attention: each chunk sees only its own caption's leading unmasked tokens, and the
+caller trims the padding every caption shares before projecting it (`used_caption_tokens`).
 
-Both are computed chunk by chunk (`lax.map`), so memory holds one chunk's scores at a
-time. Numerics follow flash-attention, which upstream uses: float32 scores scaled by
+Numerics follow flash-attention, which upstream uses: float32 scores scaled by
 1/sqrt(head_dim), float32 softmax statistics, and for 16-bit inputs the probabilities are
 rounded to the input dtype before P @ V and normalised by the float32 row sum. A chunk
-with no visible key gets zeros. GQA: query head h reads key/value head h // (H / G).
+with no visible key gets zeros. GQA: query head h reads key/value head h // (H / G); the
+kernels see the H / G query heads of a group as extra query rows of that group (so K/V are
+never repeated).
 
 Implementations (`implementation()` picks one per backend; MAGI_ATTENTION overrides it):
-  xla     the code below: exact flash-attention rounding, the parity reference (CPU default;
-          also every float32 run, which cuDNN does not take)
+  xla     flash-style loops in XLA: per query chunk, key blocks from the range's start to its
+          end only (a dynamic trip count, so masked keys cost nothing); the parity reference
+          (CPU default; also every float32 run, which cuDNN does not take)
   cudnn   NVIDIA GPUs: cuDNN flash attention through jax.nn.dot_product_attention
   pallas  TPUs: the Pallas flash-attention kernel
   dpa     jax.nn.dot_product_attention's portable XLA path with the layout cuDNN gets
-cuDNN and the TPU kernel take a padding mask, not an arbitrary one, so for them each query
-chunk's visible keys are first gathered to the front of its own key buffer (a stable sort
-of the rows by visibility) and the mask becomes a key length. Cross-attention masks are
-prefixes already (tokens, then padding), so they map to lengths directly.
+The fused kernels take a key length, so they get, per chunk, the `span` rows starting at the
+range's start (the buffer is padded by `span` rows so that slice always exists).
 
 Shapes: S query tokens = R chunks x N tokens, H query heads, G key/value heads, D head dim,
-K keys, L caption tokens.
+K key rows, L caption tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "dpa")
 _BY_BACKEND = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "pallas"}
@@ -50,6 +57,22 @@ def implementation(dtype=None) -> str:
     return name
 
 
+@contextlib.contextmanager
+def using(name: str | None):
+    """Within the block, trace attention with implementation `name` (None: unchanged)."""
+    old = os.environ.get("MAGI_ATTENTION")
+    if name is not None:
+        os.environ["MAGI_ATTENTION"] = name
+        implementation()  # refuse an unknown name here
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MAGI_ATTENTION", None)
+        else:
+            os.environ["MAGI_ATTENTION"] = old
+
+
 def available_implementations() -> list[str]:
     """Implementations that can run here (the backend's kernel, plus the portable ones)."""
     out = ["xla", "dpa"]
@@ -61,77 +84,159 @@ def available_implementations() -> list[str]:
     return out
 
 
-# Beyond these sizes a chunk is processed in blocks with an online softmax (flash-style),
-# so memory holds one (heads, Q_BLOCK, K_BLOCK) score tile instead of all scores.
-Q_BLOCK = 1024
-K_BLOCK = 2048
+# The xla path works on (Q_BLOCK query tokens x their H/G heads) x K_BLOCK key tiles with an
+# online softmax, so memory holds one score tile per group whatever the chunk size. Key
+# blocks are whole chunks when chunks are smaller than K_BLOCK (ranges end on chunk bounds, so
+# nothing past a range is scored); larger chunks waste under K_BLOCK keys at a range's end.
+Q_BLOCK = 512
+K_BLOCK = 512
+CAPTION_MULTIPLE = 16  # trimmed caption lengths are rounded up to this (fewer recompiles)
 
 
-def _scores(qg, k, visible):
-    s = jnp.einsum("ngrd,kgd->grnk", qg, k, preferred_element_type=jnp.float32)
-    s = s * jnp.float32(1.0 / math.sqrt(qg.shape[-1]))
-    return jnp.where(visible[None, None, None, :], s, -jnp.inf)
+def used_caption_tokens(caption_mask, multiple: int = CAPTION_MULTIPLE) -> int:
+    """Leading caption tokens any row uses (host-side, static): the last unmasked token + 1,
+    rounded up to `multiple` (at most L). Padding past it is never read by cross-attention,
+    so the caption projection is computed only over these tokens."""
+    mask = np.asarray(caption_mask).astype(bool)
+    length = mask.shape[-1]
+    used = mask.reshape(-1, length).any(axis=0)
+    last = int(np.nonzero(used)[0][-1]) + 1 if used.any() else 1
+    return min(length, -(-last // multiple) * multiple)
+
+
+class KeyBuffer(NamedTuple):
+    """One layer's keys and values by global position: row i holds position `base + i`."""
+
+    k: jax.Array  # (K, G, D)
+    v: jax.Array  # (K, G, D)
+    base: jax.Array  # () int32
+
+
+def key_buffer(k_new, v_new, new_start, window=None) -> KeyBuffer:
+    """The key buffer of one layer: the cache window, then this call's keys.
+
+    k_new, v_new (S, G, D) this call's keys at positions new_start..; window: (k, v, start)
+    cache rows start.. below new_start (rows at or past new_start zero, as read_window
+    gives them). K = W + S rows."""
+    if window is None:
+        return KeyBuffer(k_new, v_new, jnp.asarray(new_start, jnp.int32))
+    kw, vw, start = window
+    at = (jnp.asarray(new_start - start, jnp.int32), 0, 0)
+
+    def put(w, new):
+        buf = jnp.concatenate([w.astype(new.dtype), jnp.zeros_like(new)])
+        return jax.lax.dynamic_update_slice(buf, new, at)
+
+    return KeyBuffer(put(kw, k_new), put(vw, v_new), jnp.asarray(start, jnp.int32))
+
+
+@dataclass(frozen=True)
+class _Tiles:
+    """Static tiling of the xla path: R query chunks, query tiles of `q_block` tokens, key
+    blocks of `k_block` rows, at most `blocks` key blocks per range (its span / k_block)."""
+
+    chunks: int
+    q_block: int
+    k_block: int
+    blocks: int
 
 
 def _finite(m):
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _dense(q, k, v, visible):
-    n, h, d = q.shape
-    g = k.shape[1]
-    scores = _scores(q.reshape(n, g, h // g, d), k, visible)
-    p = jnp.exp(scores - _finite(jnp.max(scores, axis=-1, keepdims=True)))
-    total = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("grnk,kgd->grnd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out / jnp.where(total == 0, 1.0, total)
-    return out.transpose(2, 0, 1, 3).reshape(n, h, d).astype(q.dtype)
+def _flash(qt, kt, vt, lo, hi, tiles: _Tiles):
+    """One query tile against keys [lo, hi) of its buffer, key blocks only over that range.
+
+    qt (G, M, D); kt, vt (G, K, D); lo, hi () int32 with hi - lo <= tiles.blocks * k_block
+    -> (G, M, D) float32 (zeros when lo >= hi). The loop has a static trip count (so it can
+    be differentiated); blocks past the range are skipped by a conditional, not computed."""
+    g, m, d = qt.shape
+    kk = kt.shape[1]
+    kb = min(tiles.k_block, kk)
+    scale = jnp.float32(1.0 / math.sqrt(d))
+
+    def compute(j, carry):
+        mx, total, acc = carry
+        first = lo + j * kb
+        at = jnp.clip(first, 0, kk - kb)  # the last block may start early: its repeats are masked
+        kk_ = jax.lax.dynamic_slice_in_dim(kt, at, kb, axis=1)
+        vv = jax.lax.dynamic_slice_in_dim(vt, at, kb, axis=1)
+        pos = at + jnp.arange(kb, dtype=jnp.int32)
+        visible = (pos >= first) & (pos < hi)
+        vv = jnp.where(visible[None, :, None], vv, jnp.zeros_like(vv))  # masked rows: 0 * NaN would be NaN
+        s = jnp.einsum("gmd,gkd->gmk", qt, kk_, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(visible[None, None, :], s, -jnp.inf)
+        m_new = jnp.maximum(mx, jnp.max(s, axis=-1, keepdims=True))
+        safe = _finite(m_new)
+        p = jnp.exp(s - safe)
+        rescale = jnp.exp(mx - safe)
+        total = total * rescale + jnp.sum(p, axis=-1, keepdims=True)
+        pv = jnp.einsum("gmk,gkd->gmd", p.astype(vt.dtype), vv, preferred_element_type=jnp.float32)
+        return m_new, total, acc * rescale + pv
+
+    needed = (jnp.maximum(hi - lo, 0) + kb - 1) // kb
+
+    def block(j, carry):
+        return jax.lax.cond(j < needed, lambda c: compute(j, c), lambda c: c, carry)
+
+    stats = jnp.full((g, m, 1), -jnp.inf, jnp.float32)
+    init = (stats, jnp.zeros_like(stats), jnp.zeros((g, m, d), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, tiles.blocks, block, init)
+    return acc / jnp.where(total == 0, 1.0, total)
 
 
-def _blocked(q, k, v, visible, qb: int, kb: int):
-    n, h, d = q.shape
-    g = k.shape[1]
-    nq, nk = -(-n // qb), -(-k.shape[0] // kb)
-    q = jnp.pad(q, ((0, nq * qb - n), (0, 0), (0, 0)))
-    pad_k = ((0, nk * kb - k.shape[0]), (0, 0), (0, 0))
-    kblocks = jnp.pad(k, pad_k).reshape(nk, kb, g, d)
-    vblocks = jnp.pad(v, pad_k).reshape(nk, kb, g, d)
-    visblocks = jnp.pad(visible, (0, nk * kb - visible.shape[0])).reshape(nk, kb)
-
-    def one_query_block(qblock):
-        qg = qblock.reshape(qb, g, h // g, d)
-
-        def step(carry, blk):
-            m, total, acc = carry
-            kk, vv, vis = blk
-            s = _scores(qg, kk, vis)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-            safe = _finite(m_new)
-            p = jnp.exp(s - safe)
-            rescale = jnp.exp(m - safe)
-            total = total * rescale + jnp.sum(p, axis=-1, keepdims=True)
-            pv = jnp.einsum("grnk,kgd->grnd", p.astype(v.dtype), vv, preferred_element_type=jnp.float32)
-            return (m_new, total, acc * rescale + pv), None
-
-        stats = jnp.full((g, h // g, qb, 1), -jnp.inf, jnp.float32)
-        init = (stats, jnp.zeros_like(stats), jnp.zeros((g, h // g, qb, d), jnp.float32))
-        (_, total, acc), _ = jax.lax.scan(step, init, (kblocks, vblocks, visblocks))
-        out = acc / jnp.where(total == 0, 1.0, total)
-        return out.transpose(2, 0, 1, 3).reshape(qb, h, d)
-
-    out = jax.lax.map(one_query_block, q.reshape(nq, qb, h, d))
-    return out.reshape(nq * qb, h, d)[:n].astype(q.dtype)
+def _grouped(q, chunks: int, groups: int, q_block: int):
+    """q (S, H, D) -> (R, T, G, rep * qb, D): T query tiles of qb tokens per chunk, the H/G
+    heads of a group stacked as rows. Laid out once per layer."""
+    s, h, d = q.shape
+    n = s // chunks
+    qb = min(q_block, n)
+    t = -(-n // qb)
+    q = q.reshape(chunks, n, h, d)
+    if t * qb != n:
+        q = jnp.pad(q, ((0, 0), (0, t * qb - n), (0, 0), (0, 0)))
+    rep = h // groups
+    q = q.reshape(chunks, t, qb, groups, rep, d).transpose(0, 1, 3, 4, 2, 5)
+    return q.reshape(chunks, t, groups, rep * qb, d), (n, qb, t, rep)
 
 
-def _attend(q, k, v, visible, q_block: int = Q_BLOCK, k_block: int = K_BLOCK):
-    """One chunk: q (N, H, D), k/v (K, G, D), visible (K,) bool -> (N, H, D) in q's dtype."""
-    if q.shape[0] <= q_block and k.shape[0] <= k_block:
-        return _dense(q, k, v, visible)
-    return _blocked(q, k, v, visible, min(q_block, q.shape[0]), min(k_block, k.shape[0]))
+def _ungrouped(out, shape, dims):
+    """(R, T, G, rep * qb, D) -> (S, H, D), the inverse of `_grouped`."""
+    n, qb, t, rep = dims
+    r, _, g, _, d = out.shape
+    out = out.reshape(r, t, g, rep, qb, d).transpose(0, 1, 4, 2, 3, 5).reshape(r, t * qb, g * rep, d)
+    return out[:, :n].reshape(shape)
+
+
+def _xla(q, k, v, lo, hi, tiles: _Tiles):
+    """q (S, H, D); k, v (K, G, D) shared by the chunks, or (R, K, G, D) one per chunk;
+    lo, hi (R,) each chunk's visible rows."""
+    g = k.shape[-2]
+    chunks = tiles.chunks
+    qt, dims = _grouped(q, chunks, g, tiles.q_block)
+    t = qt.shape[1]
+    kt = jnp.swapaxes(k, -3, -2)  # (..., G, K, D): once per layer
+    vt = jnp.swapaxes(v, -3, -2)
+    per_chunk = k.ndim == 4
+
+    def tile(a):
+        i, qi = a
+        c = i // t
+        kc, vc = kt, vt
+        if per_chunk:
+            kc = jax.lax.dynamic_index_in_dim(kt, c, keepdims=False)
+            vc = jax.lax.dynamic_index_in_dim(vt, c, keepdims=False)
+        return _flash(qi, kc, vc, lo[c], hi[c], tiles)
+
+    flat = qt.reshape(chunks * t, *qt.shape[2:])
+    out = jax.lax.map(tile, (jnp.arange(chunks * t), flat))
+    return _ungrouped(out.reshape(qt.shape), q.shape, dims).astype(q.dtype)
 
 
 def _fused(qc, kc, vc, lengths, kind: str):
-    """qc (R, N, H, D); kc, vc (R, K, G, D) with each chunk's keys first; lengths (R,)."""
+    """qc (R, N, H, D); kc, vc (R, K, G, D) each chunk's keys first (cudnn, dpa) or
+    (R, G, K, D) (pallas); lengths (R,). -> (R, N, H, D)."""
     if kind == "pallas":
         out = _pallas_tpu(qc, kc, vc, lengths)
     else:
@@ -145,45 +250,75 @@ def _fused(qc, kc, vc, lengths, kind: str):
     return jnp.where(lengths[:, None, None, None] > 0, out, 0).astype(qc.dtype)  # no key: zeros
 
 
-def _pallas_tpu(qc, kc, vc, lengths):
+def _pallas_tpu(qc, kt, vt, lengths):
+    """The TPU kernel wants as many kv heads as query heads: instead of repeating K/V, each
+    group's H/G query heads become extra query rows (no causal mask, so rows are independent)."""
     from jax.experimental.pallas.ops.tpu.flash_attention import SegmentIds, flash_attention
 
     r, n, h, d = qc.shape
-    g = kc.shape[2]
-    pad = lambda x, axis: jnp.pad(x, [(0, -x.shape[axis] % 128 if a == axis else 0) for a in range(x.ndim)])  # noqa: E731
-    q = pad(qc, 1).transpose(0, 2, 1, 3)
-    k = pad(jnp.repeat(kc, h // g, axis=2), 1).transpose(0, 2, 1, 3)  # the kernel wants one kv head per query head
-    v = pad(jnp.repeat(vc, h // g, axis=2), 1).transpose(0, 2, 1, 3)
-    kv_ids = (jnp.arange(k.shape[2])[None, :] < lengths[:, None]).astype(jnp.int32)
+    g, kk = kt.shape[1], kt.shape[2]
+    rep = h // g
+    q = qc.reshape(r, n, g, rep, d).transpose(0, 2, 3, 1, 4).reshape(r, g, rep * n, d)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, -q.shape[2] % 128), (0, 0)))
+    kv_ids = (jnp.arange(kk)[None, :] < lengths[:, None]).astype(jnp.int32)
     ids = SegmentIds(q=jnp.ones((r, q.shape[2]), jnp.int32), kv=kv_ids)
-    out = flash_attention(q, k, v, segment_ids=ids, sm_scale=1.0 / math.sqrt(d))
-    return out.transpose(0, 2, 1, 3)[:, :n]
+    out = flash_attention(q, kt, vt, segment_ids=ids, sm_scale=1.0 / math.sqrt(d))
+    return out[:, :, : rep * n].reshape(r, g, rep, n, d).transpose(0, 3, 1, 2, 4).reshape(r, n, h, d)
 
 
-def chunk_self_attention(q, k, v, k_pos, k_ok, kv_range, chunk_tokens: int, impl: str | None = None):
-    """q (S, H, D); k, v (K, G, D); k_pos (K,) global positions; k_ok (K,) rows that hold keys;
-    kv_range (R, 2) global [start, end) per query chunk. Returns (S, H, D)."""
+def _ranges(kv_range, base, rows: int, span: int):
+    """Each chunk's visible rows [lo, hi) of a buffer starting at `base` (at most `span`)."""
+    lo = jnp.clip(kv_range[:, 0] - base, 0, rows)
+    hi = jnp.clip(kv_range[:, 1] - base, lo, rows)
+    return lo, jnp.minimum(hi, lo + span)
+
+
+def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: int | None = None, impl=None):
+    """q (S, H, D); keys: the layer's `key_buffer` (K rows by global position); kv_range (R, 2)
+    global [start, end) per query chunk; span: static bound on a chunk's visible keys (None:
+    K); a wider range is cut to its first `span` keys. Returns (S, H, D)."""
+    k, v, base = keys
     r = kv_range.shape[0]
-    qc = q.reshape(r, chunk_tokens, *q.shape[1:])
-    visible = k_ok[None, :] & (k_pos[None, :] >= kv_range[:, :1]) & (k_pos[None, :] < kv_range[:, 1:])
+    rows = k.shape[0]
+    span = rows if span is None else min(span, rows)
+    lo, hi = _ranges(kv_range.astype(jnp.int32), base, rows, span)
     impl = impl or implementation(q.dtype)
     if impl == "xla":
-        out = jax.lax.map(lambda a: _attend(a[0], k, v, a[1]), (qc, visible))
+        # ranges are whole chunks: blocks of whole chunks (when a chunk fits one) end exactly there
+        kb = min(chunk_tokens * (K_BLOCK // chunk_tokens) if chunk_tokens <= K_BLOCK else K_BLOCK, rows)
+        return _xla(q, k, v, lo, hi, _Tiles(r, Q_BLOCK, kb, -(-span // kb)))
+    # fused kernels take a key length: one chunk at a time (no stacked copies), its `span`
+    # rows from its range's start, in the layout the kernel reads (laid out once, padded so
+    # every slice exists)
+    if impl == "pallas":
+        span = -(-span // 128) * 128  # the kernel's block sizes divide the key length
+        axis, pad = 1, ((0, 0), (0, span), (0, 0))
+        k, v = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)  # (G, K, D)
     else:
-        order = jnp.argsort(~visible, axis=1, stable=True)  # each chunk's visible keys first, in order
-        out = _fused(qc, k[order], v[order], visible.sum(axis=1), impl)
-    return out.reshape(q.shape)
+        axis, pad = 0, ((0, span), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+
+    def one(a):
+        qc, start, length = a
+        kc = jax.lax.dynamic_slice_in_dim(k, start, span, axis)[None]
+        vc = jax.lax.dynamic_slice_in_dim(v, start, span, axis)[None]
+        return _fused(qc[None], kc, vc, length[None], impl)[0]
+
+    qc = q.reshape(r, chunk_tokens, *q.shape[1:])
+    return jax.lax.map(one, (qc, lo, hi - lo)).reshape(q.shape)
 
 
 def chunk_cross_attention(q, k, v, caption_mask, chunk_tokens: int, impl: str | None = None):
     """q (S, H, D); k, v (R, L, G, D) each chunk's caption; caption_mask (R, L) a prefix of
     valid tokens per chunk (tokens, then padding). -> (S, H, D)."""
     r = k.shape[0]
-    qc = q.reshape(r, chunk_tokens, *q.shape[1:])
-    mask = caption_mask.astype(bool)
+    lengths = caption_mask.astype(bool).sum(axis=1).astype(jnp.int32)
     impl = impl or implementation(q.dtype)
     if impl == "xla":
-        out = jax.lax.map(lambda a: _attend(*a), (qc, k, v, mask))
-    else:
-        out = _fused(qc, k, v, mask.sum(axis=1), impl)
-    return out.reshape(q.shape)
+        kb = min(K_BLOCK, k.shape[1])
+        return _xla(q, k, v, jnp.zeros_like(lengths), lengths, _Tiles(r, Q_BLOCK, kb, -(-k.shape[1] // kb)))
+    qc = q.reshape(r, chunk_tokens, *q.shape[1:])
+    if impl == "pallas":
+        pad = ((0, 0), (0, 0), (0, -k.shape[1] % 128), (0, 0))
+        k, v = jnp.pad(jnp.swapaxes(k, 1, 2), pad), jnp.pad(jnp.swapaxes(v, 1, 2), pad)
+    return _fused(qc, k, v, lengths, impl).reshape(q.shape)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax.attention import chunk_cross_attention, chunk_self_attention
+from magi_jax.attention import chunk_cross_attention, chunk_self_attention, key_buffer
 from magi_jax.config import ModelConfig
 from magi_jax.forward_call import Captions, ForwardCall
 from magi_jax.kv_cache import KVCache, read_window, write_rows
@@ -156,8 +156,9 @@ class DiTLayer(nnx.Module):
         y = norm(y.reshape(s, d)) + residual.astype(f32)
         return y.astype(out.dtype).astype(self.params_dtype)
 
-    def _row(self, x, row: RowInputs, ctx: PassInputs, window):
-        """One guidance row: x (S, D) -> (x, k, v); `window` = cache keys shared by all rows."""
+    def _row(self, x, row: RowInputs, ctx: PassInputs, window, span: int | None):
+        """One guidance row: x (S, D) -> (x, k, v); `window` = (k, v, start) cache rows shared by
+        all rows; span: static bound on a chunk's visible keys (ForwardCall.window.kv_span)."""
         pd = self.params_dtype
         s = x.shape[0]
         r = ctx.kv_range.shape[0]
@@ -170,14 +171,8 @@ class DiTLayer(nnx.Module):
             k = self.k(ln)
             k = apply_rope(self.k_norm(k.reshape(s, g, dh).astype(f32)), ctx.sin, ctx.cos).astype(k.dtype)
             v = self.v(ln).reshape(s, g, dh)
-            new_pos = ctx.first_token + jnp.arange(s, dtype=jnp.int32)
-            keys, values, pos, ok = k, v, new_pos, jnp.ones((s,), bool)
-            if window is not None:
-                kw, vw, pw, okw = window
-                keys = jnp.concatenate([kw.astype(k.dtype), k])
-                values = jnp.concatenate([vw.astype(v.dtype), v])
-                pos, ok = jnp.concatenate([pw, new_pos]), jnp.concatenate([okw, ok])
-            core = chunk_self_attention(q, keys, values, pos, ok, ctx.kv_range, s // r)
+            keys = key_buffer(k, v, ctx.first_token, window)
+            core = chunk_self_attention(q, keys, ctx.kv_range, s // r, span)
 
         with jax.named_scope("cross_attention"):
             xq = self.q_norm_x(self.qx(ln).reshape(s, h, dh))
@@ -202,8 +197,10 @@ class DiTLayer(nnx.Module):
         rows = call.rows
         window = None
         if cache is not None and rows.read_cache:
-            window = read_window(cache, layer, ctx.first_token, call.window.cache_window or cache.rows)
-        x, k, v = jax.vmap(lambda xb, rb: self._row(xb, rb, ctx, window))(x, ctx.rows)
+            kw, vw, pos, _ = read_window(cache, layer, ctx.first_token, call.window.cache_window or cache.rows)
+            window = (kw, vw, pos[0])
+        span = call.window.kv_span
+        x, k, v = jax.vmap(lambda xb, rb: self._row(xb, rb, ctx, window, span))(x, ctx.rows)
         if cache is not None and rows.write_row is not None:
             b = x.shape[1] if rows.write_bound is None else rows.write_bound
             row = rows.write_row

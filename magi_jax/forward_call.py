@@ -14,6 +14,8 @@ the DiT needs to know besides its inputs (latents, captions) and the KV cache is
   the cache       `write_count`: tokens written from the first token on (0: none, traced so
                   a window shape compiles once); `rows.read_cache`, `rows.write_row`,
                   `rows.write_bound`, `window.cache_window` (static)
+  key span        `window.kv_span` (static): the widest kv_range of any chunk, the size of
+                  the key slice attention reads per chunk (attention.py)
   guidance rows   `rows.drop_caption`: one entry per row; True takes the AdaLN token of the
                   dropped caption (null-caption rows); `cfg_scales` the 3-way mix weights
                   of each denoising chunk (looked up on the host by schedule.cfg_scales)
@@ -50,13 +52,16 @@ class Window:
     extra_clean_chunk: chunk 0 is a just-cleaned chunk run again (at clean time) only to
       refresh its cache rows (upstream's fwd_extra_1st_chunk);
     near_clean_copy: distilled models append a copy of the first denoising chunk, alone;
-    cache_window: cache rows visible below the call's first token (None: all).
+    cache_window: cache rows visible below the call's first token (None: all);
+    kv_span: the widest key range the schedule gives one chunk, in tokens (None: every key):
+      attention reads, per chunk, a slice of this many keys at its range's start.
     """
 
     chunks: int
     extra_clean_chunk: bool = False
     near_clean_copy: bool = False
     cache_window: int | None = None
+    kv_span: int | None = None
 
     @property
     def denoising(self) -> int:
@@ -132,6 +137,11 @@ class Captions:
 
     def chunks(self, start: int, stop: int | None = None) -> Captions:
         return Captions(self.tokens[:, start:stop], self.mask[:, start:stop])
+
+    def leading(self, tokens: int) -> Captions:
+        """The first `tokens` caption tokens of every row and chunk (attention.used_caption_tokens
+        says how many any chunk reads)."""
+        return Captions(self.tokens[:, :, :tokens], self.mask[:, :, :tokens])
 
     def concat(self, other: Captions) -> Captions:
         """Chunks of `other` after ours."""

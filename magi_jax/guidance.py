@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from magi_jax import schedule
+from magi_jax.attention import used_caption_tokens
 from magi_jax.config import MagiConfig
 from magi_jax.dit import DiT
 from magi_jax.forward_call import CAPTION_ROW, NULL_ROW, Captions, ForwardCall, Rows, Window
@@ -114,7 +115,7 @@ def three_way_cfg(model: DiT, x, captions: Captions, call: ForwardCall, cache: K
             first_chunk=jnp.int32(0),
             write_count=jnp.int32(0),
             distill_dt=call.distill_dt,
-            window=call.window,
+            window=dataclasses.replace(call.window, kv_span=chunk.tokens),  # each chunk sees itself only
             rows=Rows(drop_caption=(True,)),
         )
         uncond, _ = model(x[:, (r - d) * width :], captions.row(NULL_ROW).chunks(r - d), alone, None)
@@ -170,7 +171,10 @@ def guided_velocity(model: DiT, config: MagiConfig, x, captions: Captions, call:
 
 def jit_guided(model: DiT, config: MagiConfig):
     """`f(x, captions, call, cache) -> (out, cache)`: a jitted guided forward, compiled once per
-    `call.window` / `call.rows` and input shapes (they are part of the call's pytree)."""
+    `call.window` / `call.rows` and input shapes (they are part of the call's pytree). The
+    caption padding no chunk reads is cut off on the host first (attention.used_caption_tokens;
+    concrete masks only), so neither the caption projection nor the caption keys are computed
+    over it."""
     from flax import nnx
 
     graphdef, state = nnx.split(model)
@@ -179,4 +183,9 @@ def jit_guided(model: DiT, config: MagiConfig):
     def run(state, x, captions, call, cache):
         return guided_velocity(nnx.merge(graphdef, state), config, x, captions, call, cache)
 
-    return lambda x, captions, call, cache: run(state, x, captions, call, cache)
+    def call_guided(x, captions: Captions, call: ForwardCall, cache: KVCache):
+        if not isinstance(captions.mask, jax.core.Tracer):  # concrete masks (not inside an outer jit)
+            captions = captions.leading(used_caption_tokens(captions.mask))
+        return run(state, x, captions, call, cache)
+
+    return call_guided

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax import sharding
+from magi_jax import attention, sharding
 from magi_jax.attention import K_BLOCK, Q_BLOCK
 from magi_jax.config import MagiConfig
 from magi_jax.kv_cache import KVCache
@@ -62,14 +62,55 @@ def _bytes(shape, dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * jnp.dtype(dtype).itemsize
 
 
-def plan_memory(config: MagiConfig, mesh_sizes: dict | None = None, prefix_frames: int = 0) -> MemoryPlan:
-    """The per-device plan for `config`'s video on a mesh ({axis: size}, default one device)."""
+@dataclass(frozen=True)
+class _AttentionShape:
+    """One layer's attention as the plan sees it (per device)."""
+
+    rows: int  # guidance rows of the pass
+    heads: int  # query heads
+    n: int  # tokens per chunk
+    keys: int  # rows of the key buffer (cache window + the pass's tokens)
+    span: int  # rows a chunk's slice reads (Window.kv_span)
+    length: int  # caption tokens
+    kv_row: int  # bytes of one key row (G x D in the params dtype)
+    kv_heads_dim: int  # G x D per device (kv_row / kv_heads_dim: bytes per element)
+
+
+def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
+    """(key layout, self-attention scores, cross-attention scores) of one layer, in bytes.
+
+    xla: the (G, K, D) copy of the key buffer the flash loop reads; per row one float32 score
+    tile, Q_BLOCK queries x one key block (the probabilities are computed into it). dpa: the
+    buffer padded by `span` rows; a chunk's whole scores (the portable path does not tile).
+    cudnn / pallas: the padded buffer; scores stay on chip, only the softmax statistics reach
+    memory."""
+    q = min(a.n, Q_BLOCK)
+    if impl == "xla":
+        kb = min(a.n * (K_BLOCK // a.n) if a.n <= K_BLOCK else K_BLOCK, a.keys)
+        score = a.rows * a.heads * q * 4 * 2
+        return a.rows * 2 * a.keys * a.kv_row, score * kb, score * min(K_BLOCK, a.length)
+    padded = a.rows * 2 * (a.keys + a.span) * a.kv_row
+    if impl == "dpa":
+        item = a.kv_row // a.kv_heads_dim  # bytes of an input element
+        # float32 scores and probabilities; 16-bit inputs add the scores and probabilities in
+        # their dtype and the boolean mask
+        per = a.rows * a.heads * a.n * (4 * 2 + (2 * item + 1 if item < 4 else 0))
+        return padded, per * a.span, per * a.length
+    return padded, a.rows * a.heads * a.n * 4 * 2, a.rows * a.heads * a.n * 4 * 2
+
+
+def plan_memory(
+    config: MagiConfig, mesh_sizes: dict | None = None, prefix_frames: int = 0, impl: str | None = None
+) -> MemoryPlan:
+    """The per-device plan for `config`'s video on a mesh ({axis: size}, default one device),
+    with the attention implementation `impl` (default: the one this backend runs)."""
     from magi_jax.dit_weights import abstract_dit
     from magi_jax.sampler import layout, plan
 
     sizes = dict.fromkeys(sharding.MESH_AXES, 1) | (mesh_sizes or {})
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
     m, rt = config.model, config.runtime
+    impl = impl or attention.implementation(m.dtype)
 
     params = 0
     for _, var in nnx.to_flat_state(nnx.state(abstract_dit(config))):
@@ -89,6 +130,15 @@ def plan_memory(config: MagiConfig, mesh_sizes: dict | None = None, prefix_frame
     model_split = sizes["model"]
     c, t, hh, ww = lay.latent_shape
     inputs = 4 * (2 * c * t * hh * ww) + 4 * 2 * lay.chunk_num * length * (cc + 1)  # latents, prefix, captions
+    # XLA:CPU computes 16-bit dots in float32: it converts the stacked layer kernels whole,
+    # ahead of the layer loop, and keeps them for the step
+    upcast = 0
+    if jax.default_backend() == "cpu":
+        for path, var in nnx.to_flat_state(nnx.state(abstract_dit(config))):
+            v = var.get_value()
+            if path[0] == "segments" and v.ndim == 3 and jnp.dtype(v.dtype).itemsize == 2:
+                split = _shard_factor(var.get_metadata()["out_sharding"], v.shape, mesh)
+                upcast += _bytes(v.shape, jnp.float32) // split
     largest = 0
     for stage in plan(config, lay):
         for group in stage.groups:
@@ -99,17 +149,22 @@ def plan_memory(config: MagiConfig, mesh_sizes: dict | None = None, prefix_frame
             window = min(call.cache_window or cache_shape[1], cache_shape[1])
             keys = window + r * n
             carry = 2 * rows * s * d * pd
-            kv = rows * 2 * keys * g * hd * pd // model_split + 2 * window * g * hd * pd // model_split
+            kv_row = g * hd * pd // model_split
+            kv = rows * 2 * keys * kv_row + 2 * window * kv_row  # the key buffer per row, the cache window
             qkv = rows * s * (2 * h + 2 * g) * hd * pd // model_split
-            tile = rows * (h // model_split or 1) * min(n, Q_BLOCK) * min(keys, K_BLOCK) * 4 * 2
-            cross = rows * r * length * 2 * g * hd * pd // model_split + rows * h * min(n, Q_BLOCK) * length * 8
+            span = min(call.kv_span or keys, keys)
+            shape = _AttentionShape(rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split)
+            layout_kv, tile, cross = _attention_bytes(impl, shape)
+            kv += layout_kv
+            cross += rows * r * length * 2 * kv_row  # the chunks' caption keys and values
             proj = rows * s * (2 * h * hd * pd // model_split + 3 * d * 4)
             mlp = rows * s * ffn * (pd + 4) // model_split
-            caption_row = r * length * cc * 4  # one guidance row's captions for the window
-            captions = (2 + (3 if rows == 2 else 1)) * caption_row + rows * r * length * dx * (4 + pd)
+            # the window's projected captions (float32, then params_dtype), held through the layers;
+            # base models also hold the null caption's chunks for the unconditional pass
+            captions = rows * r * length * dx * (4 + pd) + (rows // 2) * r * length * cc * 4
             working = carry + kv + qkv + max(tile, cross, proj, mlp) + captions
             largest = max(largest, working)
-    return MemoryPlan(params, cache, largest + inputs, sizes)
+    return MemoryPlan(params, cache, largest + inputs + upcast, sizes)
 
 
 def device_capacity(device=None) -> int | None:
@@ -137,10 +192,11 @@ def check_fits(plan: MemoryPlan, capacity: int | None = None, headroom: float = 
     )
 
 
-def compiled_step_memory(config: MagiConfig, prefix_frames: int = 0) -> int:
+def compiled_step_memory(config: MagiConfig, prefix_frames: int = 0, impl: str | None = None) -> int:
     """XLA's own account of the sampler's largest step: bytes of its arguments (parameters,
     KV cache, inputs), temporaries and outputs, from compiling on abstract shapes (nothing
-    is allocated). The reference `plan_memory` is checked against."""
+    is allocated), with attention implementation `impl` (default: this backend's). The
+    reference `plan_memory` is checked against."""
     from magi_jax.dit_weights import abstract_dit
     from magi_jax.forward_call import Captions
     from magi_jax.sampler import Program, RunInputs, SamplerState, advance, layout, plan
@@ -163,9 +219,11 @@ def compiled_step_memory(config: MagiConfig, prefix_frames: int = 0) -> int:
         sds((), jnp.int32),
     )
     group = jax.tree.map(lambda a: sds(np.shape(a), np.asarray(a).dtype), big)
-    step = jax.jit(advance, static_argnums=0, donate_argnums=2)
+    # a fresh function: jit's trace cache is per function, and the implementation is read at trace time
+    step = jax.jit(lambda *a: advance(*a), static_argnums=0, donate_argnums=2)
     abstract = jax.tree.map(lambda a: sds(a.shape, a.dtype), params)
-    compiled = step.lower(Program(graphdef, config), abstract, state, run, group).compile()
+    with attention.using(impl):
+        compiled = step.lower(Program(graphdef, config), abstract, state, run, group).compile()
     ma = compiled.memory_analysis()
     return ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
 

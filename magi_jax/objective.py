@@ -142,7 +142,7 @@ def clip_call(t, frames: int, tokens: int, span: int | None = None, distill_dt=N
         first_chunk=jnp.int32(0),
         write_count=jnp.int32(0),
         distill_dt=distill_dt,
-        window=Window(r),
+        window=Window(r, kv_span=None if span is None else min(span, r) * tokens),
     )
 
 

@@ -38,6 +38,7 @@ import numpy as np
 from flax import nnx
 
 from magi_jax import schedule, sharding
+from magi_jax.attention import used_caption_tokens
 from magi_jax.config import ConfigError, MagiConfig
 from magi_jax.dit import DiT
 from magi_jax.forward_call import NULL_ROW, Captions, ForwardCall, Window
@@ -184,6 +185,16 @@ def cache_window_rows(config: MagiConfig, lay: Layout) -> int:
     return max(1, widest - 1) * lay.chunk_tokens
 
 
+def kv_span(config: MagiConfig, chunk_tokens: int) -> int | None:
+    """Static bound on the keys one chunk's kv_range covers (Window.kv_span): the widest range
+    the schedule gives a chunk (noise2clean / clean-chunk ranges, the prefix encoding's
+    included), None when ranges are unbounded."""
+    rt = config.runtime
+    if not rt.noise2clean_kvrange:
+        return None
+    return max(max(rt.noise2clean_kvrange), rt.clean_chunk_kvrange) * chunk_tokens
+
+
 def chunk_geometry(config: MagiConfig, lay: Layout) -> ChunkGeometry:
     return ChunkGeometry(lay.chunk_width // config.model.t_patch_size, lay.chunk_tokens)
 
@@ -198,6 +209,7 @@ def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
     table = schedule.stage_table(lay.chunk_num, win, lay.clean_chunks)
     distilled = rt.cfg_number == 1
     window_rows = cache_window_rows(config, lay)
+    span = kv_span(config, lay.chunk_tokens)
     geometry = chunk_geometry(config, lay)
     counts = np.zeros(lay.chunk_num, int)
     stages = []
@@ -224,6 +236,7 @@ def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
                 extra_clean_chunk=extra,
                 near_clean_copy=distilled and near_clean,
                 cache_window=window_rows,
+                kv_span=span,
             )
             dispatch = DispatchStep(
                 first_chunk=slice_point,
@@ -380,7 +393,8 @@ def prefix_call(config: MagiConfig, lay: Layout) -> ForwardCall:
         encodes_prefix=True,
         distill_dt=dt0 if config.engine.distill else None,
     )
-    return plan_call(config, Window(chunks=k), step, chunk_geometry(config, lay))
+    window = Window(chunks=k, kv_span=kv_span(config, lay.chunk_tokens))
+    return plan_call(config, window, step, chunk_geometry(config, lay))
 
 
 def _dispatches(group: Group, one_by_one: bool):
@@ -491,8 +505,10 @@ class Sampler:
         prefix_f32 = np.zeros(lay.latent_shape, np.float32)
         if prefix is not None:
             prefix_f32[:, :prefix_frames] = np.asarray(prefix, np.float32)
+        used = used_caption_tokens(caption_mask)  # padding no chunk reads is never projected
+        captions = Captions(np.asarray(caption), np.asarray(caption_mask)).leading(used)
         run = RunInputs(
-            Captions(jnp.asarray(caption, jnp.float32), jnp.asarray(caption_mask, jnp.float32)),
+            Captions(jnp.asarray(captions.tokens, jnp.float32), jnp.asarray(captions.mask, jnp.float32)),
             jnp.asarray(prefix_f32),
             jnp.int32(prefix_frames),
         )

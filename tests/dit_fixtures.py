@@ -12,6 +12,7 @@ from magi_jax.dit_weights import build_dit, convert_dit
 from magi_jax.forward_call import Captions, Window
 from magi_jax.guidance import ChunkGeometry, DispatchStep, plan_call
 from magi_jax.kv_cache import KVCache
+from magi_jax.sampler import kv_span
 from magi_jax.schedule import distill_dt
 
 
@@ -47,10 +48,15 @@ def call_inputs(fx, call):
     dt = call["arg_dtypes"]
     cfg = config_of(fx, call.get("env"))
     r = kw["denoising_range_num"]
+    x = _as(a["x"][0], dt["x"])
+    m = cfg.model
+    frames = x.shape[1] // r // m.t_patch_size
+    chunk = ChunkGeometry(frames, frames * (x.shape[2] // m.patch_size) * (x.shape[3] // m.patch_size))
     window = Window(
         chunks=r,
         extra_clean_chunk=kw["fwd_extra_1st_chunk"],
         near_clean_copy=cfg.runtime.cfg_number == 1 and kw.get("distill_nearly_clean_chunk", False),
+        kv_span=kv_span(cfg, chunk.tokens),  # as the sampler plans it: each chunk reads its span's slice
     )
     step = DispatchStep(
         first_chunk=kw["slice_point"],
@@ -60,10 +66,6 @@ def call_inputs(fx, call):
         encodes_prefix=kw.get("extract_prefix_video_feature", False),
         distill_dt=distill_dt(kw["num_steps"], kwarg_interval(kw)) if cfg.engine.distill else None,
     )
-    x = _as(a["x"][0], dt["x"])
-    m = cfg.model
-    frames = x.shape[1] // r // m.t_patch_size
-    chunk = ChunkGeometry(frames, frames * (x.shape[2] // m.patch_size) * (x.shape[3] // m.patch_size))
     # upstream's (2R, L, Cc): R caption rows, then R null-caption rows
     y, mask = _as(a["y"][:, 0], dt["y"]), _as(a["mask"][:, 0], dt["mask"])
     captions = Captions(y.reshape(2, r, *y.shape[1:]), mask.reshape(2, r, *mask.shape[1:]))

@@ -1,100 +1,183 @@
-"""Attention: the blocked (flash-style) path equals the one-shot softmax, masks behave."""
+"""Attention: each chunk reads exactly its visible keys, in every implementation.
 
+The reference is a plain softmax over a boolean mask in float64 (numpy). The implementations
+read a key buffer laid out by global position: a chunk's range is a contiguous run of rows,
+read as blocks over the range only (xla) or as a static-size slice with a length (fused).
+"""
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magi_jax.attention import _attend, _dense, chunk_self_attention
+from magi_jax import attention
+from magi_jax.attention import (
+    KeyBuffer,
+    _flash,
+    _Tiles,
+    available_implementations,
+    chunk_cross_attention,
+    chunk_self_attention,
+    implementation,
+    key_buffer,
+    used_caption_tokens,
+)
 
 
-def _inputs(n=37, keys=53, h=4, g=2, d=8, seed=0, dtype=jnp.float32):
-    rng = np.random.default_rng(seed)
-    q = jnp.asarray(rng.standard_normal((n, h, d)) * 2, dtype)
-    k = jnp.asarray(rng.standard_normal((keys, g, d)) * 2, dtype)
-    v = jnp.asarray(rng.standard_normal((keys, g, d)), dtype)
-    visible = jnp.asarray(rng.uniform(size=keys) < 0.6)
-    return q, k, v, visible
+def _softmax_ref(q, k, v, visible):
+    """q (N, H, D), k/v (K, G, D), visible (K,) -> (N, H, D) float64; no visible key: zeros."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    n, h, d = q.shape
+    g = k.shape[1]
+    out = np.zeros((n, h, d))
+    if not visible.any():
+        return out
+    for head in range(h):
+        kv = head // (h // g)
+        s = q[:, head] @ k[visible, kv].T / np.sqrt(d)
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        out[:, head] = (p / p.sum(axis=1, keepdims=True)) @ v[visible, kv]
+    return out
 
 
-@pytest.mark.parametrize("q_block,k_block", [(8, 16), (37, 5), (5, 53)])
-def test_blocked_equals_dense(q_block, k_block):
-    q, k, v, visible = _inputs()
-    np.testing.assert_allclose(_attend(q, k, v, visible, q_block, k_block), _dense(q, k, v, visible), atol=2e-6)
+def _rand(shape, seed, dtype=jnp.float32, scale=1.0):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale, dtype)
 
 
-def test_blocked_bf16_close_to_dense():
-    q, k, v, visible = _inputs(dtype=jnp.bfloat16)
-    a = np.asarray(_attend(q, k, v, visible, 8, 16), np.float32)
-    b = np.asarray(_dense(q, k, v, visible), np.float32)
-    assert np.abs(a - b).max() < 3e-2
+def _chunks(n=8, r=4, h=4, g=2, d=8, rows=40, dtype=jnp.float32):
+    q = _rand((r * n, h, d), 0, dtype, 2.0)
+    k = _rand((rows, g, d), 1, dtype, 2.0)
+    v = _rand((rows, g, d), 2, dtype)
+    return q, k, v
 
 
-def test_no_visible_key_gives_zeros():
-    q, k, v, _ = _inputs()
-    none = jnp.zeros(k.shape[0], bool)
-    assert np.all(np.asarray(_attend(q, k, v, none)) == 0)
-    assert np.all(np.asarray(_attend(q, k, v, none, 8, 16)) == 0)
+@pytest.mark.parametrize("block", [3, 8, 16, 64])
+def test_flash_loop_equals_softmax_over_the_range(block):
+    # ranges that start and end inside blocks, reach the buffer's end, and are empty
+    q, k, v = _chunks()
+    qt = jnp.asarray(q[:8].reshape(8, 2, 2, 8).transpose(1, 2, 0, 3).reshape(2, 16, 8))
+    for lo, hi in [(0, 40), (5, 29), (33, 40), (17, 18), (12, 12)]:
+        tiles = _Tiles(1, 8, block, -(-40 // block))
+        got = _flash(qt, jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1), jnp.int32(lo), jnp.int32(hi), tiles)
+        got = np.asarray(got).reshape(2, 2, 8, 8).transpose(2, 0, 1, 3).reshape(8, 4, 8)
+        visible = (np.arange(40) >= lo) & (np.arange(40) < hi)
+        np.testing.assert_allclose(got, _softmax_ref(q[:8], k, v, visible), atol=2e-6, err_msg=f"[{lo}, {hi})")
 
 
 def test_gqa_head_mapping():
     # query head h reads kv head h // (H / G): give kv head 1 zero values
-    q, k, v, visible = _inputs()
+    q, k, v = _chunks()
     v = v.at[:, 1].set(0.0)
-    out = np.asarray(_dense(q, k, v, visible.at[0].set(True)))
+    out = np.asarray(chunk_self_attention(q, KeyBuffer(k, v, 0), jnp.array([[0, 40]] * 4, jnp.int32), 8, impl="xla"))
     assert np.abs(out[:, 2:]).max() == 0 and np.abs(out[:, :2]).max() > 0
 
 
-def test_chunks_see_only_their_key_ranges():
-    n, r = 4, 3
-    q, k, v, _ = _inputs(n=n * r, keys=n * r)
-    pos = jnp.arange(n * r, dtype=jnp.int32)
-    ranges = jnp.array([[0, 4], [0, 8], [4, 12]], jnp.int32)
-    out = chunk_self_attention(q, k, v, pos, jnp.ones(n * r, bool), ranges, n)
-    for c, (lo, hi) in enumerate(np.asarray(ranges)):
-        vis = (np.arange(n * r) >= lo) & (np.arange(n * r) < hi)
-        want = _dense(q[c * n : (c + 1) * n], k, v, jnp.asarray(vis))
-        np.testing.assert_allclose(out[c * n : (c + 1) * n], want, atol=1e-6)
-
-
-# --------------------------------------------------------------------------- implementations
-
-from magi_jax import attention  # noqa: E402
-from magi_jax.attention import available_implementations, chunk_cross_attention, implementation  # noqa: E402
-
-
 def _sampler_like(dtype, seed=0):
-    """Keys as a forward sees them: a cache window (its last rows unwritten) then the new keys;
-    each chunk's range as the sampler's noise-dependent kv ranges make them (one sees nothing)."""
-    rng = np.random.default_rng(seed)
-    n, r, window, h, g, d = 8, 3, 16, 4, 2, 8
-    q = jnp.asarray(rng.standard_normal((r * n, h, d)), dtype)
-    k = jnp.asarray(rng.standard_normal((window + r * n, g, d)), dtype)
-    v = jnp.asarray(rng.standard_normal((window + r * n, g, d)), dtype)
-    new_start = 12  # rows 12..15 of the window were never written
-    pos = jnp.concatenate([jnp.arange(window), new_start + jnp.arange(r * n)]).astype(jnp.int32)
-    ok = jnp.concatenate([jnp.arange(window) < new_start, jnp.ones(r * n, bool)])
-    ranges = jnp.array([[4, 20], [0, 28], [40, 40]], jnp.int32)
-    return q, k, v, pos, ok, ranges, n
+    """Keys as a forward sees them: a cache window read below new_start, then this call's keys;
+    kv ranges like the sampler's (growing, one cut by the span, the near-clean copy alone, one
+    empty)."""
+    n, r, window, h, g, d = 8, 5, 24, 4, 2, 8
+    q = _rand((r * n, h, d), seed, dtype)
+    k_new, v_new = _rand((r * n, g, d), seed + 1, dtype), _rand((r * n, g, d), seed + 2, dtype)
+    start, new_start = 4, 20  # window rows cover positions 4..27; 20..27 are unwritten (zero)
+    written = (start + np.arange(window)) < new_start
+    kw = jnp.where(written[:, None, None], _rand((window, g, d), seed + 3, dtype), 0)
+    vw = jnp.where(written[:, None, None], _rand((window, g, d), seed + 4, dtype), 0)
+    ranges = jnp.array([[4, 28], [4, 36], [12, 44], [44, 52], [60, 60]], jnp.int32)
+    return q, (kw, vw, start), (k_new, v_new, new_start), ranges, n
+
+
+def _sampler_like_ref(q, window, new, ranges, n, span):
+    kw, vw, start = window
+    k_new, v_new, new_start = new
+    pos = np.concatenate([start + np.arange(kw.shape[0]), new_start + np.arange(k_new.shape[0])])
+    ok = np.concatenate([start + np.arange(kw.shape[0]) < new_start, np.ones(k_new.shape[0], bool)])
+    k, v = np.concatenate([np.asarray(kw, np.float64), k_new]), np.concatenate([np.asarray(vw, np.float64), v_new])
+    out = []
+    for c, (lo, hi) in enumerate(np.asarray(ranges)):
+        visible = ok & (pos >= lo) & (pos < min(hi, lo + span))
+        out.append(_softmax_ref(q[c * n : (c + 1) * n], k, v, visible))
+    return np.concatenate(out)
+
+
+def test_key_buffer_rows_are_global_positions():
+    q, window, new, ranges, n = _sampler_like(jnp.float32)
+    k, v, base = key_buffer(new[0], new[1], new[2], window)
+    assert int(base) == 4 and k.shape[0] == 24 + 40
+    np.testing.assert_array_equal(k[:16], window[0][:16])  # positions 4..19: cache
+    np.testing.assert_array_equal(k[16:56], new[0])  # positions 20..59: this call
+    assert np.all(np.asarray(k[56:]) == 0)
 
 
 @pytest.mark.parametrize("impl", available_implementations())
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_every_available_implementation_matches_the_reference(impl, dtype):
-    q, k, v, pos, ok, ranges, n = _sampler_like(dtype)
     if dtype == jnp.float32 and impl in ("cudnn", "pallas"):
         pytest.skip("fused kernels take 16-bit inputs; float32 uses the reference")
-    ref = np.asarray(chunk_self_attention(q, k, v, pos, ok, ranges, n, impl="xla"), np.float32)
-    got = np.asarray(chunk_self_attention(q, k, v, pos, ok, ranges, n, impl=impl), np.float32)
+    q, window, new, ranges, n = _sampler_like(dtype)
+    k, v, base = key_buffer(*new[:2], new[2], window)
+    span = 16  # the [4, 36) chunk sees its first 16 keys only
+    got = np.asarray(chunk_self_attention(q, KeyBuffer(k, v, base), ranges, n, span, impl=impl), np.float32)
+    want = _sampler_like_ref(q, window, new, ranges, n, span)
     tol = 2e-6 if dtype == jnp.float32 else 3e-2
-    np.testing.assert_allclose(got, ref, atol=tol)
-    assert np.all(got[2 * n :] == 0), "a chunk with no visible key gets zeros"
+    np.testing.assert_allclose(got, want, atol=tol)
+    assert np.all(got[4 * n :] == 0), "a chunk with no visible key gets zeros"
 
-    cap_k = jnp.asarray(np.random.default_rng(1).standard_normal((3, 10, 2, 8)), dtype)
-    cap_v = jnp.asarray(np.random.default_rng(2).standard_normal((3, 10, 2, 8)), dtype)
-    cap_mask = jnp.asarray(np.arange(10)[None] < np.array([[7], [10], [0]]))  # prefixes, one empty
-    ref = np.asarray(chunk_cross_attention(q, cap_k, cap_v, cap_mask, n, impl="xla"), np.float32)
+    cap_k, cap_v = _rand((5, 10, 2, 8), 7, dtype), _rand((5, 10, 2, 8), 8, dtype)
+    lengths = np.array([7, 10, 0, 1, 3])
+    cap_mask = jnp.asarray(np.arange(10)[None] < lengths[:, None])  # prefixes, one empty
     got = np.asarray(chunk_cross_attention(q, cap_k, cap_v, cap_mask, n, impl=impl), np.float32)
-    np.testing.assert_allclose(got, ref, atol=tol)
+    for c in range(5):
+        want = _softmax_ref(q[c * n : (c + 1) * n], cap_k[c], cap_v[c], np.arange(10) < lengths[c])
+        np.testing.assert_allclose(got[c * n : (c + 1) * n], want, atol=tol, err_msg=f"chunk {c}")
+
+
+@pytest.mark.parametrize("impl", available_implementations())
+def test_keys_outside_a_chunks_slice_are_never_read(impl):
+    # NaN keys/values before each range's start and past start + span: a masked read would
+    # still multiply them (0 * NaN = NaN)
+    q, k, v = _chunks(rows=64)
+    ranges = jnp.array([[8, 24], [16, 32], [24, 40], [40, 56]], jnp.int32)
+    span = 16
+    rows = np.arange(64)
+    for c, lo in enumerate(np.asarray(ranges)[:, 0]):
+        poison = (rows < lo) | (rows >= lo + span)
+        kc = jnp.where(poison[:, None, None], jnp.nan, k)
+        vc = jnp.where(poison[:, None, None], jnp.nan, v)
+        out = np.asarray(chunk_self_attention(q, KeyBuffer(kc, vc, 0), ranges, 8, span, impl=impl))[c * 8 : (c + 1) * 8]
+        np.testing.assert_allclose(out, _softmax_ref(q[c * 8 : (c + 1) * 8], k, v, ~poison), atol=2e-6)
+
+
+@pytest.mark.parametrize("impl", [i for i in available_implementations() if i != "xla"])
+def test_fused_paths_slice_without_sorting_gathering_or_repeating(impl):
+    # the kernels get each chunk's `span` rows (no sort, no gather, no copy per query head)
+    q, window, new, ranges, n = _sampler_like(jnp.bfloat16)
+    keys = key_buffer(*new[:2], new[2], window)
+    jaxpr = jax.make_jaxpr(lambda q, keys, ranges: chunk_self_attention(q, keys, ranges, n, 16, impl=impl))(
+        q, keys, ranges
+    )
+    prims = set()
+
+    def walk(j):
+        for e in j.eqns:
+            prims.add(e.primitive.name)
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if hasattr(sub, "jaxpr"):
+                        walk(sub.jaxpr)
+
+    walk(jaxpr.jaxpr)
+    assert not prims & {"sort", "gather", "argsort"}, prims
+
+
+def test_used_caption_tokens_cuts_shared_padding():
+    mask = np.zeros((2, 3, 800), np.float32)
+    mask[0, :, :50] = 1
+    mask[1, 1, :66] = 1
+    assert used_caption_tokens(mask) == 80  # 66 rounded up to a multiple of 16
+    assert used_caption_tokens(mask, multiple=1) == 66
+    assert used_caption_tokens(np.ones((1, 800))) == 800
+    assert used_caption_tokens(np.zeros((1, 800))) == 16
 
 
 @pytest.mark.parametrize(
@@ -120,3 +203,22 @@ def test_unknown_implementation_is_refused(monkeypatch):
     monkeypatch.setenv("MAGI_ATTENTION", "fastest")
     with pytest.raises(ValueError, match="MAGI_ATTENTION='fastest'"):
         implementation()
+
+
+@pytest.mark.parametrize("variant", ["tiny", "4.5B_base", "4.5B_distill", "24B_base"])
+def test_every_scheduled_range_fits_the_static_span(variant):
+    # a range wider than its call's span would be cut: the span each planned call carries
+    # (Window.kv_span) must bound every range the sampler and the prefix encoding give a chunk
+    from magi_jax.config import load_config
+    from magi_jax.sampler import layout, plan, prefix_call
+
+    cfg = load_config(variant).replace(runtime=dict(video_size_h=128, video_size_w=128, num_frames=96))
+    lay = layout(cfg, prefix_frames=2 * cfg.runtime.chunk_width * 4)
+    calls = [prefix_call(cfg, lay)] + [g.steps.call for stage in plan(cfg, lay) for g in stage.groups]
+    spans = {call.window.kv_span for call in calls}
+    assert len(spans) == 1, spans  # one bound for the run
+    span = spans.pop()
+    assert span is not None and span < lay.chunk_num * lay.chunk_tokens  # a real bound
+    widest = max(int(np.diff(np.asarray(call.kv_range), axis=-1).max()) for call in calls)
+    assert widest <= span, (widest, span)
+    assert widest == span  # and the tightest one
