@@ -13,6 +13,7 @@ one device, on the host, or split over a mesh - without a full host copy first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -71,6 +72,22 @@ def summarize(flat: dict) -> dict:
     return {"parameters": count, "bytes": nbytes, "dtypes": dict(sorted(dtypes.items()))}
 
 
+@contextlib.contextmanager
+def atomic_folder(final: Path, tmp: Path):
+    """Yields the empty folder `tmp` to fill; on success it replaces `final` in one rename, on
+    any error (a signal included) it is removed: `final` is either complete or untouched."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save(
     flat: dict,
     out: str | os.PathLike,
@@ -90,11 +107,7 @@ def save(
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent} does not exist; create it first")
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, out.with_name(f"{out.name}.tmp-{os.getpid()}")) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS, nest(flat))
             ckptr.wait_until_finished()
@@ -105,12 +118,6 @@ def save(
         for f in files:
             shutil.copy2(f, tmp / Path(f).name)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 

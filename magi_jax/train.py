@@ -46,7 +46,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from magi_jax import sharding
+from magi_jax import checkpoint, sharding
 from magi_jax.config import ConfigError, MagiConfig
 from magi_jax.lora import LoRAConfig, LoRAParam, apply_lora
 from magi_jax.objective import Clip, ObjectiveConfig, clip_loss
@@ -244,11 +244,8 @@ class Trainer:
         out.mkdir(parents=True, exist_ok=True)
         step = int(jax.device_get(state.step))
         final = out / f"step_{step:08d}"
-        tmp = out / f".step_{step:08d}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         leaves, paths = _leaves(state)
-        try:
-            tmp.mkdir()
+        with checkpoint.atomic_folder(final, out / f".step_{step:08d}.tmp-{os.getpid()}") as tmp:
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save(tmp / STATE_ARRAYS, {f"leaf_{i:05d}": a for i, a in enumerate(leaves)})
                 ckptr.wait_until_finished()
@@ -259,12 +256,6 @@ class Trainer:
                 "model_config": self.config.to_dict()["model_config"],
             }
             (tmp / STATE_META).write_text(json.dumps(meta, indent=1) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for old in checkpoints(out)[: -max(self.tcfg.keep_checkpoints, 1)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -441,8 +432,6 @@ def main(argv=None) -> int:
             final = save_lora(trainer.model(state), lcfg, config, out / "adapter.lora", overwrite=True)
             print(f"wrote {out / 'adapter.lora'} ({final['parameters']} adapter parameters)", file=sys.stderr)
         else:
-            from magi_jax import checkpoint
-
             merged = trainer.model(state)
             flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(merged))}
             checkpoint.save(flat, out / "dit.magi_jax", "dit", config.to_dict(), overwrite=True)
