@@ -33,6 +33,7 @@ import numpy as np
 from magi_jax import special_tokens
 
 PromptFn = Callable[[int, float], str]
+LIVE_PROMPTS_KEPT = 8  # encodings a callable source keeps (each is L x Cc floats: 13 MB for the XXL T5)
 
 # "3", "2.5s", "1m30s", "2m" followed by a colon
 _TIME = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*m\s*)?(?:(\d+(?:\.\d+)?)\s*s?)?\s*:\s?(.*)$", re.S)
@@ -177,6 +178,9 @@ class ChunkCaptions:
         if prompt not in self._encoded:
             emb, mask = self._encode([prompt])
             self._encoded[prompt] = np.asarray(emb[:1], np.float32), np.asarray(mask[:1])
+            if self.segments is None and len(self._encoded) > LIVE_PROMPTS_KEPT:  # a live source: keep recent ones
+                self._encoded.pop(next(iter(self._encoded)))
+        self._encoded[prompt] = self._encoded.pop(prompt)  # most recently used last
         return self._encoded[prompt]
 
     def seconds(self, chunk: int) -> float:
@@ -212,3 +216,44 @@ class ChunkCaptions:
         """Every chunk's captions at once, (2, chunk_num, L, Cc) and (2, chunk_num, L)."""
         rows = [self(i) for i in range(self.chunk_num)]
         return np.stack([r[0] for r in rows], 1), np.stack([r[1] for r in rows], 1)
+
+
+# ----------------------------------------------------------------------------- command line
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s?)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'60s', '90', '1m30s', '2m' -> seconds."""
+    match = _DURATION.match(text)
+    if not text.strip() or match is None or (match.group(1) is None and match.group(2) is None):
+        raise TimelineError(f"--duration {text!r} is not a length of video; write e.g. 60s, 90 or 1m30s")
+    seconds = float(match.group(1) or 0) * 60 + float(match.group(2) or 0)
+    if seconds <= 0:
+        raise TimelineError(f"--duration {text!r} is no video at all; give a positive length (e.g. 10s)")
+    return seconds
+
+
+def frames_for(seconds: float, fps: int, temporal_factor: int) -> int:
+    """Frames to generate for `seconds` of video: the nearest multiple of the VAE's factor."""
+    return max(1, round(seconds * fps / temporal_factor)) * temporal_factor
+
+
+def cli_segments(prompts: Sequence[str] | None, prompt_file: str | None) -> list[Segment]:
+    """The timeline of the command line: repeated --prompt entries or a --prompt_file."""
+    if prompts and prompt_file:
+        raise TimelineError("give --prompt or --prompt_file, not both (a story file holds every prompt)")
+    if prompt_file:
+        return read_prompt_file(prompt_file)
+    if not prompts:
+        raise TimelineError(
+            "no prompt: give --prompt TEXT (repeat it as --prompt '3s: TEXT' for a story) or --prompt_file"
+        )
+    return parse_entries(prompts)
+
+
+def encode_story(encode, segments: Sequence[Segment]) -> Callable:
+    """Encodes each distinct prompt of a fixed timeline once, now (so the encoder can be freed);
+    returns an `encode` for ChunkCaptions that looks them up."""
+    done = {p: encode([p]) for p in dict.fromkeys(s.prompt for s in segments)}
+    return lambda prompts: done[prompts[0]]

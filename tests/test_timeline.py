@@ -151,3 +151,13 @@ def test_callable_source_is_asked_per_chunk():
     bad = ChunkCaptions(lambda c, s: "", fake_encoder([]), NULL, RT, TABLE, L, chunk_num=2)
     with pytest.raises(TimelineError, match="prompt for chunk 0"):
         bad(0)
+
+
+def test_live_source_keeps_a_bounded_number_of_encodings():
+    calls = []
+    prompts = [f"scene {i}" for i in range(12)] + ["scene 11", "scene 0"]
+    captions = ChunkCaptions(lambda c, s: prompts[c], fake_encoder(calls), NULL, RT, TABLE, L, len(prompts))
+    captions.arrays()
+    # scene 11 was just used (not encoded again); scene 0 had been dropped (encoded again)
+    assert calls == [f"scene {i}" for i in range(12)] + ["scene 0"]
+    assert len(captions._encoded) <= 8
