@@ -85,10 +85,47 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="device mesh: 'model=2,seq=4' or '2x4' (model x seq); default: all devices on the sequence axis",
     )
-    from magi_jax.pipeline import add_flags
-
-    add_flags(ap)  # compilation cache, timing summary, profile
+    add_run_flags(ap)  # compilation cache, timing summary, profile
     return ap.parse_args(argv)
+
+
+def add_run_flags(ap: argparse.ArgumentParser):
+    """The command's flags for RunOptions."""
+    g = ap.add_argument_group("speed and diagnostics")
+    g.add_argument(
+        "--compilation_cache",
+        default=None,
+        help="folder of the persistent compilation cache, or 'off' (default: $MAGI_JAX_CACHE_DIR, else "
+        "~/.cache/magi_jax/jax_cache)",
+    )
+    g.add_argument("--json_summary", default=None, help="write the timing summary to this JSON file")
+    g.add_argument("--profile", default=None, help="write a jax.profiler trace (TensorBoard / XProf) to this folder")
+    g.add_argument(
+        "--no_overlap", action="store_true", help="sample, decode and write one after the other (for comparisons)"
+    )
+
+
+def options_from_args(args: argparse.Namespace, start: float | None = None):
+    """The flags as pipeline.RunOptions; a summary path that cannot be written is refused now,
+    not after the run."""
+    from magi_jax.pipeline import RunOptions
+
+    if args.json_summary:
+        target = Path(args.json_summary)
+        if target.is_dir():
+            raise UsageError(f"--json_summary {target} is a folder; give a file name, e.g. {target / 'summary.json'}")
+        parent = target.parent if str(target.parent) else Path(".")
+        if not parent.is_dir():
+            raise UsageError(f"--json_summary: folder {parent} does not exist; create it or choose another path")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"--json_summary: folder {parent} is not writable; choose another path")
+    return RunOptions(
+        overlap=not args.no_overlap,
+        json_summary=args.json_summary,
+        profile=args.profile,
+        compilation_cache=args.compilation_cache,
+        start=start,
+    )
 
 
 @dataclass
@@ -282,7 +319,7 @@ def _main(argv=None) -> int:
 
     compile_cache.enable(args.compilation_cache)  # before anything compiles
     maybe_initialize_distributed()  # on a pod: every host runs this same command
-    from magi_jax.pipeline import options_from_args, run
+    from magi_jax.pipeline import run
 
     try:
         plan = resolve(args)

@@ -17,10 +17,8 @@ the TINY variant runs with random weights.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax import compile_cache, sharding
+from magi_jax import compile_cache, run_guard, sharding
 from magi_jax.chunk_sink import ChunkSink
 from magi_jax.config import MagiConfig
 from magi_jax.progress import Progress
@@ -122,50 +120,13 @@ class RunOptions:
     start: float | None = None  # time.perf_counter() when the run began (default: now)
 
 
-def add_flags(ap: argparse.ArgumentParser):
-    """The command's flags for RunOptions."""
-    g = ap.add_argument_group("speed and diagnostics")
-    g.add_argument(
-        "--compilation_cache",
-        default=None,
-        help="folder of the persistent compilation cache, or 'off' (default: $MAGI_JAX_CACHE_DIR, else "
-        "~/.cache/magi_jax/jax_cache)",
-    )
-    g.add_argument("--json_summary", default=None, help="write the timing summary to this JSON file")
-    g.add_argument("--profile", default=None, help="write a jax.profiler trace (TensorBoard / XProf) to this folder")
-    g.add_argument(
-        "--no_overlap", action="store_true", help="sample, decode and write one after the other (for comparisons)"
-    )
-
-
-def options_from_args(args: argparse.Namespace, start: float | None = None) -> RunOptions:
-    """The flags as RunOptions; a summary path that cannot be written is refused now, not after the run."""
-    from magi_jax.generate import UsageError
-
-    if args.json_summary:
-        target = Path(args.json_summary)
-        if target.is_dir():
-            raise UsageError(f"--json_summary {target} is a folder; give a file name, e.g. {target / 'summary.json'}")
-        parent = target.parent if str(target.parent) else Path(".")
-        if not parent.is_dir():
-            raise UsageError(f"--json_summary: folder {parent} does not exist; create it or choose another path")
-        if not os.access(parent, os.W_OK):
-            raise UsageError(f"--json_summary: folder {parent} is not writable; choose another path")
-    return RunOptions(
-        overlap=not args.no_overlap,
-        json_summary=args.json_summary,
-        profile=args.profile,
-        compilation_cache=args.compilation_cache,
-        start=start,
-    )
-
-
 def _pipeline(sampler, vae, inputs, writer, sink_kw, on_dispatch=None):
     """Chunks from the sampler (device arrays) -> decode dispatched at once -> the sink, which
     reads and writes them (on its thread when overlapping); returns the sink."""
     sink = ChunkSink(writer, **sink_kw)
     try:
         for k, latents in enumerate(sampler.chunks(inputs[0], inputs[1], prefix=inputs[2], on_dispatch=on_dispatch)):
+            run_guard.check()  # a signal swallowed inside a gc callback stops the run here
             with jax.profiler.TraceAnnotation(f"chunk {k}: decode dispatch"):
                 frames = None if writer is None else vae.decode_chunk(latents[0])
             sink.put(latents, frames)

@@ -23,8 +23,24 @@ class Interrupted(BaseException):  # noqa: N818 - not an error of the run, like 
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
+_received: int | None = None  # the signal caught while guarded, until the guard ends
+
+
 def _raise(signum, _frame):
+    global _received
+    _received = signum
     raise Interrupted(signum)
+
+
+def check():
+    """Raises `Interrupted` if a guarded signal arrived, even one whose exception was lost.
+
+    Python runs signal handlers between bytecodes of the main thread; when that happens inside
+    a garbage-collection callback or a `__del__` (JAX has both), the exception is printed as
+    "ignored" and the run goes on. Calling this at each chunk and before the output is renamed
+    into place makes such a signal stop the run all the same."""
+    if _received is not None:
+        raise Interrupted(_received)
 
 
 @contextlib.contextmanager
@@ -33,9 +49,12 @@ def signals_as_exceptions(signums=(signal.SIGINT, signal.SIGTERM)):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _received
+    _received = None
     previous = {s: signal.signal(s, _raise) for s in signums}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _received = None

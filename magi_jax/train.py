@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -277,17 +278,15 @@ class Trainer:
         if not meta_file.exists():
             raise TrainError(f"{path} is not a train-state checkpoint (no {STATE_META})")
         meta = json.loads(meta_file.read_text())
-        template = jax.eval_shape(self.init_state)
+        template = self.init_state()  # shapes, dtypes and shardings of the state to restore
         leaves, paths = _leaves(template)
         if meta["paths"] != paths:
             raise TrainError(
                 f"{path} holds another train state (trainable parameters or optimizer differ); "
                 "resume with the options it was written with"
             )
-        fresh = jax.tree.leaves(self.init_state())  # shardings of a fresh state
         target = {
-            f"leaf_{i:05d}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=f.sharding)
-            for i, (a, f) in enumerate(zip(leaves, fresh))
+            f"leaf_{i:05d}": jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for i, a in enumerate(leaves)
         }
         with ocp.StandardCheckpointer() as ckptr:
             restored = ckptr.restore(path / STATE_ARRAYS, target)
@@ -367,7 +366,9 @@ def parse_args(argv=None):
     ap.add_argument("--lora_rank", type=int, default=16, help="0: full fine-tune")
     ap.add_argument("--lora_alpha", type=float, default=None, help="default: the rank")
     ap.add_argument("--lora_targets", default="attn,cross,mlp")
-    ap.add_argument("--mesh", default=None, help="'data=2,model=4' (default: all devices on data)")
+    ap.add_argument(
+        "--mesh", default=None, help="'data=2,model=4' (default: clips over the devices batch_size divides)"
+    )
     ap.add_argument("--no_resume", action="store_true", help="start over even if --out has checkpoints")
     return ap.parse_args(argv)
 
@@ -403,9 +404,21 @@ def main(argv=None) -> int:
         tcfg.check(config)
         data = ClipData(args.data, config, seed=args.seed)
         mesh = None
-        if jax.device_count() > 1 or args.mesh:
-            sizes = sharding.parse_mesh(args.mesh or f"data={jax.device_count()}")
+        if args.mesh:
+            sizes = sharding.parse_mesh(args.mesh)
             mesh = sharding.make_mesh(sizes)
+        elif jax.device_count() > 1:
+            # default: clips over as many devices as the batch divides (a batch of 1 on 8 devices
+            # runs on one, rather than refusing); --mesh or a larger batch uses them all
+            sizes = {"data": math.gcd(args.batch_size, jax.device_count())}
+            if sizes["data"] < jax.device_count():
+                print(
+                    f"note: training on {sizes['data']} of {jax.device_count()} devices (batch_size "
+                    f"{args.batch_size}); pass --mesh or a batch_size that is a multiple of the device count",
+                    file=sys.stderr,
+                )
+            mesh = sharding.make_mesh(sizes, jax.devices()[: sizes["data"]])
+        if mesh is not None:
             if args.batch_size % sizes["data"]:
                 raise TrainError(
                     f"batch_size ({args.batch_size}) must be a multiple of the data axis ({sizes['data']})"

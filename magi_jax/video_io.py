@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from magi_jax import run_guard
+
 ASPECT_POLICIES = ("fit", "crop", "pad")
 
 
@@ -242,6 +244,11 @@ class VideoWriter:
         if self.frames == 0:
             self.abort()
             raise MediaError(f"no frames were written to {self.path}")
+        try:
+            run_guard.check()  # a signal whose exception was swallowed still leaves nothing behind
+        except run_guard.Interrupted:
+            self.abort()
+            raise
         # the temp name is unique (mkstemp) and the rename atomic: concurrent runs never mix files
         os.replace(self._tmp, self.path)
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from magi_jax.compile_cache import CompileStats
-from magi_jax.generate import main, parse_args, resolve
-from magi_jax.pipeline import _pipeline, load_parts, options_from_args, sampler_steps
+from magi_jax.generate import main, options_from_args, parse_args, resolve
+from magi_jax.pipeline import _pipeline, load_parts, sampler_steps
 from magi_jax.progress import Progress
 from magi_jax.timing import PHASES, Timeline
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magi_jax import pipeline
+from magi_jax import pipeline, run_guard
 from magi_jax.generate import main
 from magi_jax.video_io import VideoWriter
 
@@ -150,3 +150,19 @@ def _read_all(path):
     frames = [np.frombuffer(f, np.uint8).reshape(h, w, 3) for f in reader]
     reader.close()
     return np.stack(frames)
+
+
+def test_signal_swallowed_in_a_gc_callback_still_leaves_nothing(tmp_path):
+    """Python drops an exception raised in a `__del__` or gc callback (JAX has both): a signal
+    handled there must still stop the run before the video is renamed into place."""
+
+    class Collected:
+        def __del__(self):
+            run_guard._raise(signal.SIGTERM, None)  # the handler, run where Python ignores its exception
+
+    with run_guard.signals_as_exceptions(), pytest.raises(run_guard.Interrupted) as stopped:
+        with VideoWriter(tmp_path / "x.mp4", 24) as writer:
+            writer.write(np.zeros((2, 16, 16, 3), np.uint8))
+            Collected()  # collected at once: the exception is printed as ignored
+    assert stopped.value.exit_code == 143
+    assert list(tmp_path.iterdir()) == []
