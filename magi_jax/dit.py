@@ -36,7 +36,7 @@ from flax import nnx
 from magi_jax.attention import chunk_cross_attention, chunk_self_attention, key_buffer
 from magi_jax.config import ModelConfig
 from magi_jax.forward_call import Captions, ForwardCall
-from magi_jax.kv_cache import KVCache, read_window, write_rows
+from magi_jax.kv_cache import CacheSlots, KVCache, read_window, write_rows
 from magi_jax.layers import LayerNorm, Linear, gelu, linear, param, scan_layers, silu_and_mul, softcap, stack_layers
 from magi_jax.rope import apply_rope, rope_tables
 from magi_jax.sharding import constrain
@@ -195,16 +195,23 @@ class DiTLayer(nnx.Module):
         """x (B, S, D): B guidance rows over the same tokens (different captions / AdaLN
         tokens), batched so they share one read of the cache window and one compiled body."""
         rows = call.rows
-        window = None
+        window = slots = None
+        if cache is not None:
+            size = min(call.window.cache_window or cache.rows, cache.rows)
+            slots = call.cache_slots
+            if slots is None:  # not planned: the cache is read and written by position
+                slots = CacheSlots.by_position(ctx.first_token, size, cache.rows)
         if cache is not None and rows.read_cache:
-            kw, vw, pos, _ = read_window(cache, layer, ctx.first_token, call.window.cache_window or cache.rows)
-            window = (kw, vw, pos[0])
+            with jax.named_scope("kv_cache_read"):
+                kw, vw, pos, _ = read_window(cache, layer, ctx.first_token, slots, size)
+            window = (kw, vw, pos[0])  # contiguous positions from pos[0] on, ring or not
         span = call.window.kv_span
         x, k, v = jax.vmap(lambda xb, rb: self._row(xb, rb, ctx, window, span))(x, ctx.rows)
         if cache is not None and rows.write_row is not None:
             b = x.shape[1] if rows.write_bound is None else rows.write_bound
             row = rows.write_row
-            cache = write_rows(cache, layer, ctx.first_token, k[row, :b], v[row, :b], call.write_count)
+            with jax.named_scope("kv_cache_write"):
+                cache = write_rows(cache, layer, slots.write, k[row, :b], v[row, :b], call.write_count)
         return x, cache
 
 

@@ -13,7 +13,9 @@ the DiT needs to know besides its inputs (latents, captions) and the KV cache is
                   count the time axis is centred on (rope.py)
   the cache       `write_count`: tokens written from the first token on (0: none, traced so
                   a window shape compiles once); `rows.read_cache`, `rows.write_row`,
-                  `rows.write_bound`, `window.cache_window` (static)
+                  `rows.write_bound`, `window.cache_window` (static); `cache_slots`: the
+                  rows of the KV ring the call reads and writes (kv_cache.CacheSlots,
+                  planned by the sampler; None reads and writes by position)
   key span        `window.kv_span` (static): the widest kv_range of any chunk, the size of
                   the key slice attention reads per chunk (attention.py)
   guidance rows   `rows.drop_caption`: one entry per row; True takes the AdaLN token of the
@@ -40,6 +42,8 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from magi_jax.kv_cache import CacheSlots
 
 CAPTION_ROW, NULL_ROW = 0, 1
 
@@ -101,6 +105,7 @@ class ForwardCall:
     write_count: jax.Array  # () int32
     distill_dt: jax.Array | None = None  # () float32
     cfg_scales: jax.Array | None = None  # (2, D) prev_chunk_scale, text_scale per denoising chunk (cfg 3)
+    cache_slots: CacheSlots | None = None  # ring rows read (W,) and written (R,); None: row = position
     window: Window = Window(1)
     rows: Rows = Rows()
 
@@ -114,7 +119,17 @@ class ForwardCall:
 
 jax.tree_util.register_dataclass(
     ForwardCall,
-    data_fields=["t", "kv_range", "frame0", "t_total", "first_chunk", "write_count", "distill_dt", "cfg_scales"],
+    data_fields=[
+        "t",
+        "kv_range",
+        "frame0",
+        "t_total",
+        "first_chunk",
+        "write_count",
+        "distill_dt",
+        "cfg_scales",
+        "cache_slots",
+    ],
     meta_fields=["window", "rows"],
 )
 
