@@ -18,18 +18,29 @@ def _frames(path):
 
 
 @pytest.mark.slow
-def test_timeline_on_the_command_line_writes_a_video(tmp_path, capsys):
+def test_timeline_far_past_the_config_writes_a_video(tmp_path):
+    """A three-prompt story on the command line, --num_frames far past TINY's 32 frames (16
+    chunks, past the KV ring's 8): a readable mp4 of every frame."""
+    out = tmp_path / "story.mp4"
+    story = ["a cat sleeps on a sofa", "2s: the cat wakes up and stretches", "4s: it jumps down"]
+    argv = [a for p in story for a in ("--prompt", p)]
+    assert main([*argv, "--num_frames", "128", "--output_path", str(out), *FAST]) == 0
+    fps, frames = _frames(out)
+    assert fps == 24 and frames.shape == (128, 32, 32, 3)
+
+
+def test_story_file_and_duration_resolve(tmp_path):
+    """The same story from a file resolves to the flags' timeline; --duration sets the frames."""
     out = tmp_path / "story.mp4"
     story = ["a cat sleeps on a sofa", "0.4s: the cat wakes up and stretches", "0.8s: it jumps down"]
     argv = [a for p in story for a in ("--prompt", p)]
-    assert main([*argv, "--duration", "1s", "--output_path", str(out), *FAST]) == 0
-    fps, frames = _frames(out)
-    assert fps == 24 and frames.shape == (24, 32, 32, 3)
-    # the same story from a file resolves to the same timeline
     (tmp_path / "story.txt").write_text("\n".join(["0s: " + story[0], *story[1:]]) + "\n")
     from_file = resolve(parse_args(["--prompt_file", str(tmp_path / "story.txt"), "--output_path", str(out)]))
-    from_flags = resolve(parse_args([*argv, "--output_path", str(out)]))
+    from_flags = resolve(parse_args([*argv, "--duration", "1s", "--output_path", str(out)]))
     assert from_file.timeline == from_flags.timeline and [s.start for s in from_file.timeline] == [0, 0.4, 0.8]
+    assert from_flags.config.runtime.num_frames == 24
+    minute = resolve(parse_args(["--prompt", "a", "--duration", "60s", "--output_path", str(out), *FAST]))
+    assert minute.config.runtime.num_frames == 60 * 24
 
 
 BAD = [
@@ -52,14 +63,6 @@ def test_bad_timeline_is_one_clear_error(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not list(tmp_path.iterdir()), "nothing written"
-
-
-@pytest.mark.slow
-def test_long_video_far_past_the_config(tmp_path):
-    """--num_frames far past TINY's 32 frames: 16 chunks, past the KV ring's 8."""
-    out = tmp_path / "long.mp4"
-    assert main(["--prompt", "a", "--num_frames", "128", "--output_path", str(out), *FAST]) == 0
-    assert _frames(out)[1].shape == (128, 32, 32, 3)
 
 
 @pytest.mark.slow
