@@ -18,15 +18,28 @@ def _frames(path):
 
 
 @pytest.mark.slow
-def test_timeline_far_past_the_config_writes_a_video(tmp_path):
+def test_story_far_past_the_config_then_extended(tmp_path):
     """A three-prompt story on the command line, --num_frames far past TINY's 32 frames (16
-    chunks, past the KV ring's 8): a readable mp4 of every frame."""
-    out = tmp_path / "story.mp4"
+    chunks, past the KV ring's 8), is a readable mp4 of every frame; continued from its last
+    frames (--extend), the output is the story, then more. One test: the story is the
+    continuation's input, so two command runs cover both."""
+    first = tmp_path / "story.mp4"
     story = ["a cat sleeps on a sofa", "2s: the cat wakes up and stretches", "4s: it jumps down"]
     argv = [a for p in story for a in ("--prompt", p)]
-    assert main([*argv, "--num_frames", "128", "--output_path", str(out), *FAST]) == 0
-    fps, frames = _frames(out)
-    assert fps == 24 and frames.shape == (128, 32, 32, 3)
+    assert main([*argv, "--num_frames", "128", "--output_path", str(first), *FAST]) == 0
+    fps, before = _frames(first)
+    assert fps == 24 and before.shape == (128, 32, 32, 3)
+    more = tmp_path / "more.mp4"
+    argv = ["--mode", "v2v", "--prefix_video_path", str(first), "--extend", "--prefix_frames", "8"]
+    assert (
+        main([*argv, "--prompt", "the cat sleeps again", "--num_frames", "16", "--output_path", str(more), *FAST]) == 0
+    )
+    _, after = _frames(more)
+    assert len(after) == len(before) + 16
+    # the first video's frames open the continuation (re-encoded: within H.264's rounding)
+    kept = np.abs(after[: len(before)].astype(int) - before.astype(int)).mean()
+    new = np.abs(after[len(before) :].astype(int) - before[-16:].astype(int)).mean()
+    assert kept < new / 4, (kept, new)  # noise-like TINY frames re-encode poorly, yet far closer than new ones
 
 
 def test_story_file_and_duration_resolve(tmp_path):
@@ -63,20 +76,3 @@ def test_bad_timeline_is_one_clear_error(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not list(tmp_path.iterdir()), "nothing written"
-
-
-@pytest.mark.slow
-def test_extend_continues_a_video_and_keeps_it(tmp_path):
-    """A generated video continued from its last frames: the output is the video, then more."""
-    first = tmp_path / "first.mp4"
-    assert main(["--prompt", "a cat sleeps", "--num_frames", "16", "--output_path", str(first), *FAST]) == 0
-    _, before = _frames(first)
-    more = tmp_path / "more.mp4"
-    argv = ["--mode", "v2v", "--prefix_video_path", str(first), "--extend", "--prefix_frames", "8"]
-    assert main([*argv, "--prompt", "the cat wakes up", "--num_frames", "16", "--output_path", str(more), *FAST]) == 0
-    _, after = _frames(more)
-    assert len(after) == len(before) + 16
-    # the first video's frames open the continuation (re-encoded: within H.264's rounding)
-    kept = np.abs(after[: len(before)].astype(int) - before.astype(int)).mean()
-    new = np.abs(after[len(before) :].astype(int) - before.astype(int)).mean()
-    assert kept < new / 4, (kept, new)  # noise-like TINY frames re-encode poorly, yet far closer than new ones
