@@ -7,15 +7,29 @@
 """
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
-# Tests never read or write the user's compilation cache (the cache tests pass their own folder).
-os.environ["MAGI_JAX_CACHE_DIR"] = "off"
+
+# Tests never read or write the user's compilation cache. They share one of their own, new
+# for each session and removed after it: the xdist workers and the generate commands they run
+# compile a program once (most TINY runs are the same few programs), and every test still
+# compiles what nobody compiled before it. Subprocess tests see only `MAGI_JAX_CACHE_DIR`,
+# which the generate command reads; other scripts compile fresh. The cache tests pass their
+# own folder.
+# The controller makes the folder; xdist workers inherit its environment.
+SESSION_CACHE = Path(os.environ.setdefault("MAGI_JAX_TEST_CACHE", tempfile.mkdtemp(prefix="magi-jax-tests-")))
+os.environ["MAGI_JAX_CACHE_DIR"] = str(SESSION_CACHE)
 
 import jax  # noqa: E402
 
+from magi_jax import compile_cache  # noqa: E402
+
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+compile_cache.enable()
 
 
 # ---------------------------------------------------------------- parity report
@@ -23,7 +37,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # summary also works under pytest-xdist, where tests run in worker processes.
 
 import json  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -61,3 +74,8 @@ def pytest_terminal_summary(terminalreporter):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(rows, indent=1))
         tr.write_line(f"parity report written to {path}")
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
