@@ -9,19 +9,10 @@
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
-
-# Tests never read or write the user's compilation cache. They share one of their own, new
-# for each session and removed after it: the xdist workers and the generate commands they run
-# compile a program once (most TINY runs are the same few programs), and every test still
-# compiles what nobody compiled before it. Subprocess tests see only `MAGI_JAX_CACHE_DIR`,
-# which the generate command reads; other scripts compile fresh. The cache tests pass their
-# own folder.
-# The controller makes the folder; xdist workers inherit its environment.
-SESSION_CACHE = Path(os.environ.setdefault("MAGI_JAX_TEST_CACHE", tempfile.mkdtemp(prefix="magi-jax-tests-")))
-os.environ["MAGI_JAX_CACHE_DIR"] = str(SESSION_CACHE)
 
 import jax  # noqa: E402
 
@@ -29,7 +20,29 @@ from magi_jax import compile_cache  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
-compile_cache.enable()
+
+
+# ---------------------------------------------------------------- compilation cache
+# Tests never read or write the user's compilation cache. They share one of their own, new
+# for each session and removed after it: the xdist workers, and the generate commands they
+# run, compile a program once (most TINY runs are the same few programs), and every test
+# still compiles what no test compiled before it. Subprocess tests see `MAGI_JAX_CACHE_DIR`,
+# which the generate command reads; other scripts compile fresh. The cache tests pass their
+# own folder. The folder is named after xdist's run id, which the controller picks here and
+# hands to its workers.
+
+SESSION_CACHE: Path | None = None
+
+
+def pytest_configure(config):
+    global SESSION_CACHE
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # in a worker: the controller's id
+    if run is None:  # the controller, or a session without workers
+        run = config.option.testrunuid = getattr(config.option, "testrunuid", None) or uuid.uuid4().hex
+    SESSION_CACHE = Path(tempfile.gettempdir()) / f"magi-jax-tests-{run}"
+    SESSION_CACHE.mkdir(mode=0o700, exist_ok=True)
+    os.environ["MAGI_JAX_CACHE_DIR"] = str(SESSION_CACHE)
+    compile_cache.enable()
 
 
 # ---------------------------------------------------------------- parity report
@@ -77,5 +90,5 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_sessionfinish(session):
-    if not hasattr(session.config, "workerinput"):  # the controller (or a run without xdist)
+    if SESSION_CACHE is not None and not hasattr(session.config, "workerinput"):  # the controller
         shutil.rmtree(SESSION_CACHE, ignore_errors=True)
