@@ -180,3 +180,162 @@ class recording:
     def __exit__(self, *exc):
         with _lock:
             _active.remove(self.stats)
+
+
+# ----------------------------------------------------------------------------- saved programs
+# The persistent cache above skips XLA's compilation, but every process still traces and
+# lowers each program again: for a TINY run that is most of a warm start (about 10 s of
+# Python). `SavedProgram` keeps the compiled executable itself next to the cache, keyed by
+# everything that decides the program without tracing it: the function's name and identity
+# (what it closes over), its static arguments, the structure, shapes, dtypes and shardings
+# of its inputs, the source of this package, the JAX version, the devices and the flags that
+# change code generation. A warm process loads the executable and calls it, no tracing.
+
+_EXECUTABLES = "executables"
+_source_digest: str | None = None
+
+
+def _package_digest() -> str:
+    """sha256 of this package's Python sources: any code change makes new programs."""
+    global _source_digest
+    if _source_digest is None:
+        import hashlib
+
+        h = hashlib.sha256()
+        root = Path(__file__).resolve().parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+def _environment() -> tuple:
+    """What decides code generation besides the program: versions, devices, flags."""
+    import jax
+    import jaxlib
+
+    devices = jax.devices()
+    return (
+        jax.__version__,
+        jaxlib.__version__,
+        jax.process_count(),
+        tuple((d.platform, d.device_kind, d.id) for d in devices),
+        jax.config.jax_default_matmul_precision,
+        jax.config.jax_enable_x64,
+        str(jax.config.jax_default_prng_impl),
+        os.environ.get("XLA_FLAGS", ""),
+        os.environ.get("LIBTPU_INIT_ARGS", ""),
+        _package_digest(),
+    )
+
+
+def _leaf_signature(x):
+    """A hashable description of one input as jit sees it (aval and placement)."""
+    import jax
+    import numpy as np
+
+    if isinstance(x, jax.Array):
+        s = x.sharding
+        mesh = getattr(s, "mesh", None)
+        ids = tuple(int(d.id) for d in mesh.devices.flat) if mesh is not None and hasattr(mesh, "devices") else ()
+        return (str(jax.typeof(x)), s, ids)
+    if isinstance(x, np.ndarray | np.generic):
+        return ("np", x.shape, str(x.dtype))
+    return ("py", type(x).__name__)  # Python scalars: weakly typed by their kind
+
+
+def saved_dir() -> Path | None:
+    """Where executables are kept: inside JAX's compilation cache folder, when it is on."""
+    import jax
+
+    root = jax.config.jax_compilation_cache_dir
+    return None if not root else Path(root) / _EXECUTABLES
+
+
+class SavedProgram:
+    """`jax.jit(fn, static_argnums, donate_argnums)` whose executables are also saved to disk
+    and loaded from there by later processes (see above); a plain jit when the cache is off.
+
+    `identity`: a value whose repr names everything `fn` closes over that changes its program
+    (a graphdef, a scale): two functions with equal name and identity must trace alike.
+    `programs` counts the distinct programs this object has compiled or loaded.
+    """
+
+    def __init__(self, fn, name: str, identity=None, static_argnums=(), donate_argnums=()):
+        import jax
+
+        self.name = name
+        self.identity = identity
+        self.static = tuple(static_argnums)
+        self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
+        self._loaded: dict = {}
+
+    @property
+    def programs(self) -> int:
+        return len(self._loaded) + self.jitted._cache_size()
+
+    def __call__(self, *args):
+        import jax
+
+        folder = saved_dir()
+        if folder is None or jax.process_count() > 1:  # several hosts: the persistent cache only
+            return self.jitted(*args)
+        dynamic = tuple(a for i, a in enumerate(args) if i not in self.static)
+        statics = tuple(args[i] for i in self.static)
+        leaves, tree = jax.tree.flatten(dynamic)
+        key = (statics, tree, tuple(_leaf_signature(x) for x in leaves))
+        compiled = self._loaded.get(key)
+        if compiled is None:
+            compiled = self._load_or_compile(folder, key, args)
+            self._loaded[key] = compiled
+        return compiled(*dynamic)
+
+    def _file(self, folder: Path, key) -> Path:
+        import hashlib
+
+        statics, tree, leaves = key
+        text = repr((self.name, self.identity, statics, str(tree), leaves, _environment()))
+        return folder / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}.bin"
+
+    def _load_or_compile(self, folder: Path, key, args):
+        import pickle
+
+        import jax
+        from jax.experimental import serialize_executable
+
+        path = self._file(folder, key)
+        start = time.perf_counter()
+        if path.exists():
+            try:
+                payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+                by_id = {d.id: d for d in jax.devices()}
+                devices = [by_id[i] for i in device_ids]  # the devices it was compiled for, in order
+                compiled = serialize_executable.deserialize_and_load(
+                    payload, in_tree, out_tree, execution_devices=devices
+                )
+            except Exception as e:  # a stale or broken file: compile again and replace it
+                print(f"warning: ignoring saved program {path.name}: {e}", file=sys.stderr)
+            else:
+                _record_load(self.name, start, time.perf_counter())
+                return compiled
+        compiled = self.jitted.lower(*args).compile()
+        try:
+            device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
+            data = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # readers see a whole file or none
+        except Exception as e:  # a full disk or an executable that cannot be serialized
+            print(f"warning: could not save program {self.name}: {e}", file=sys.stderr)
+        return compiled
+
+
+def _record_load(name: str, start: float, end: float):
+    """A saved program loaded: counted as a cache hit by the active recorders."""
+    with _lock:
+        for stats in _active:
+            stats.seconds += end - start
+            stats.spans.append((start, end))
+            stats.cache_hits.append(name)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from flax import nnx
 
 from magi_jax import schedule, sharding
 from magi_jax.attention import used_caption_tokens
+from magi_jax.compile_cache import SavedProgram
 from magi_jax.config import ConfigError, MagiConfig
 from magi_jax.dit import DiT
 from magi_jax.forward_call import NULL_ROW, Captions, ForwardCall, Window
@@ -430,14 +430,14 @@ class Sampler:
         self.graphdef, self.params = nnx.split(model)
         self.steps_done = 0  # sampler steps dispatched in the current run
         self.cache_sharding = None
-        # a partial per sampler: jit's cache is per function object, so its size counts this
-        # sampler's compilations
-        self._advance = jax.jit(functools.partial(advance), static_argnames="program", donate_argnames="state")
-        self._prefix = jax.jit(functools.partial(encode_prefix), static_argnames="program", donate_argnames="state")
+        # one per sampler, so their counts are this sampler's compilations; the program (graphdef
+        # and config) is a static argument, so the saved executables are keyed by it
+        self._advance = SavedProgram(advance, "advance", static_argnums=(0,), donate_argnums=(2,))
+        self._prefix = SavedProgram(encode_prefix, "encode_prefix", static_argnums=(0,), donate_argnums=(2,))
 
     @property
     def compilations(self) -> int:
-        return self._advance._cache_size() + self._prefix._cache_size()
+        return self._advance.programs + self._prefix.programs
 
     def _program(self) -> Program:
         return Program(self.graphdef, self.config)
