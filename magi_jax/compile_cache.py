@@ -212,13 +212,18 @@ def _package_digest() -> str:
 
 def _environment() -> tuple:
     """What decides code generation besides the program: versions, devices, flags."""
-    import jax
-    import jaxlib
+    from importlib.metadata import PackageNotFoundError, version
 
+    import jax
+
+    try:
+        jaxlib = version("jaxlib")
+    except PackageNotFoundError:
+        jaxlib = "?"
     devices = jax.devices()
     return (
         jax.__version__,
-        jaxlib.__version__,
+        jaxlib,
         jax.process_count(),
         tuple((d.platform, d.device_kind, d.id) for d in devices),
         jax.config.jax_default_matmul_precision,
