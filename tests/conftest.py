@@ -7,42 +7,21 @@
 """
 
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import jax  # noqa: E402
 
-from magi_jax import compile_cache  # noqa: E402
-
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# ---------------------------------------------------------------- compilation cache
-# Tests never read or write the user's compilation cache. They share one of their own, new
-# for each session and removed after it: the xdist workers, and the generate commands they
-# run, compile a program once (most TINY runs are the same few programs), and every test
-# still compiles what no test compiled before it. Subprocess tests see `MAGI_JAX_CACHE_DIR`,
-# which the generate command reads; other scripts compile fresh. The cache tests pass their
-# own folder. The folder is named after xdist's run id, which the controller picks here and
-# hands to its workers.
-
-SESSION_CACHE: Path | None = None
-
-
-def pytest_configure(config):
-    global SESSION_CACHE
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # in a worker: the controller's id
-    if run is None:  # the controller, or a session without workers
-        run = config.option.testrunuid = getattr(config.option, "testrunuid", None) or uuid.uuid4().hex
-    SESSION_CACHE = Path(tempfile.gettempdir()) / f"magi-jax-tests-{run}"
-    SESSION_CACHE.mkdir(mode=0o700, exist_ok=True)
-    os.environ["MAGI_JAX_CACHE_DIR"] = str(SESSION_CACHE)
-    compile_cache.enable()
+# Tests never read or write the user's compilation cache (the cache tests pass their own
+# folder). A session-wide cache shared by the workers would cut the suite's compile time, but
+# XLA's CPU executable serialization crashed once (a segfault inside the cache write, not
+# reproducible alone) in a full run: until that is understood the suite compiles everything.
+os.environ["MAGI_JAX_CACHE_DIR"] = "off"
 
 
 # ---------------------------------------------------------------- parity report
@@ -87,8 +66,3 @@ def pytest_terminal_summary(terminalreporter):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(rows, indent=1))
         tr.write_line(f"parity report written to {path}")
-
-
-def pytest_sessionfinish(session):
-    if SESSION_CACHE is not None and not hasattr(session.config, "workerinput"):  # the controller
-        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
