@@ -24,6 +24,7 @@ from the cache.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -273,7 +274,9 @@ class SavedProgram:
         self.name = name
         self.identity = identity
         self.static = tuple(static_argnums)
-        self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
+        # a partial of its own: jit's cache is per function object, so `programs` counts this
+        # object's compilations, not those of every SavedProgram of the same function
+        self.jitted = jax.jit(functools.partial(fn), static_argnums=static_argnums, donate_argnums=donate_argnums)
         self._loaded: dict = {}
 
     @property
