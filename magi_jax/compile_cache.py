@@ -237,18 +237,26 @@ def _environment() -> tuple:
 
 
 def _leaf_signature(x):
-    """A hashable description of one input as jit sees it (aval and placement)."""
+    """A hashable description of one input as jit sees it (aval and placement); cheap, as it
+    runs on every call. The text the disk key needs is made only on a miss (`_leaf_text`)."""
     import jax
     import numpy as np
 
     if isinstance(x, jax.Array):
-        s = x.sharding
-        mesh = getattr(s, "mesh", None)
-        ids = tuple(int(d.id) for d in mesh.devices.flat) if mesh is not None and hasattr(mesh, "devices") else ()
-        return (str(jax.typeof(x)), s, ids)
+        return (jax.typeof(x), x.sharding)
     if isinstance(x, np.ndarray | np.generic):
         return ("np", x.shape, str(x.dtype))
     return ("py", type(x).__name__)  # Python scalars: weakly typed by their kind
+
+
+def _leaf_text(signature) -> str:
+    """A signature as stable text, with the device ids of a mesh (its repr leaves them out)."""
+    if signature[0] in ("np", "py"):
+        return repr(signature)
+    aval, s = signature
+    mesh = getattr(s, "mesh", None)
+    ids = tuple(int(d.id) for d in mesh.devices.flat) if mesh is not None and hasattr(mesh, "devices") else ()
+    return repr((str(aval), s, ids))
 
 
 def saved_dir() -> Path | None:
@@ -303,6 +311,7 @@ class SavedProgram:
         import hashlib
 
         statics, tree, leaves = key
+        leaves = [_leaf_text(x) for x in leaves]
         text = repr((self.name, self.identity, statics, str(tree), leaves, _environment()))
         return folder / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}.bin"
 
