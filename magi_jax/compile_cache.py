@@ -24,7 +24,6 @@ from the cache.
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import threading
@@ -227,12 +226,23 @@ def _environment() -> tuple:
         jaxlib,
         jax.process_count(),
         tuple((d.platform, d.device_kind, d.id) for d in devices),
-        jax.config.jax_default_matmul_precision,
-        jax.config.jax_enable_x64,
-        str(jax.config.jax_default_prng_impl),
         os.environ.get("XLA_FLAGS", ""),
         os.environ.get("LIBTPU_INIT_ARGS", ""),
         _package_digest(),
+        *_traced_settings(),
+    )
+
+
+def _traced_settings() -> tuple:
+    """Settings that can change while a process runs and change what a program traces to:
+    JAX's numerics switches and the attention implementation (attention.using)."""
+    import jax
+
+    return (
+        jax.config.jax_default_matmul_precision,
+        jax.config.jax_enable_x64,
+        str(jax.config.jax_default_prng_impl),
+        os.environ.get("MAGI_ATTENTION", ""),
     )
 
 
@@ -267,13 +277,27 @@ def saved_dir() -> Path | None:
     return None if not root else Path(root) / _EXECUTABLES
 
 
+# Compiled programs of this process, shared by every SavedProgram: a second sampler (or VAE,
+# or text encoder) of the same model and shapes runs the first one's executables, with or
+# without the cache on disk. Keyed like the files on disk, minus what cannot change in a
+# process (versions, devices, flags, sources).
+_compiled: dict = {}
+
+
+def forget_programs():
+    """Drops the programs compiled in this process (as a new process would start)."""
+    _compiled.clear()
+
+
 class SavedProgram:
-    """`jax.jit(fn, static_argnums, donate_argnums)` whose executables are also saved to disk
-    and loaded from there by later processes (see above); a plain jit when the cache is off.
+    """`jax.jit(fn, static_argnums, donate_argnums)` whose executables are shared by every
+    SavedProgram of the process with the same name and identity, and saved to disk and loaded
+    from there by later processes when the cache is on (see above).
 
     `identity`: a value whose repr names everything `fn` closes over that changes its program
     (a graphdef, a scale): two functions with equal name and identity must trace alike.
-    `programs` counts the distinct programs this object has compiled or loaded.
+    `programs` counts the distinct programs this object has run (compiled here, loaded, or
+    compiled earlier by another SavedProgram of the process); `compiled` those it compiled.
     """
 
     def __init__(self, fn, name: str, identity=None, static_argnums=(), donate_argnums=()):
@@ -282,35 +306,37 @@ class SavedProgram:
         self.name = name
         self.identity = identity
         self.static = tuple(static_argnums)
-        # a partial of its own: jit's cache is per function object, so `programs` counts this
-        # object's compilations, not those of every SavedProgram of the same function
-        self.jitted = jax.jit(functools.partial(fn), static_argnums=static_argnums, donate_argnums=donate_argnums)
-        self._loaded: dict = {}
+        self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
+        self._mine: dict = {}  # key -> executable: this object's programs (the fast path)
+        self.compiled = 0
 
     @property
     def programs(self) -> int:
-        return len(self._loaded) + self.jitted._cache_size()
+        return len(self._mine) + self.jitted._cache_size()
 
     def __call__(self, *args):
         import jax
 
-        folder = saved_dir()
-        if folder is None or jax.process_count() > 1:  # several hosts: the persistent cache only
+        if jax.process_count() > 1:  # several hosts: a plain jit (and JAX's persistent cache)
             return self.jitted(*args)
         dynamic = tuple(a for i, a in enumerate(args) if i not in self.static)
         statics = tuple(args[i] for i in self.static)
         leaves, tree = jax.tree.flatten(dynamic)
-        key = (statics, tree, tuple(_leaf_signature(x) for x in leaves))
-        compiled = self._loaded.get(key)
-        if compiled is None:
-            compiled = self._load_or_compile(folder, key, args)
-            self._loaded[key] = compiled
-        return compiled(*dynamic)
+        key = (statics, tree, tuple(_leaf_signature(x) for x in leaves), _traced_settings())
+        executable = self._mine.get(key)
+        if executable is None:
+            shared = (self.name, self.identity, key)
+            executable = _compiled.get(shared)
+            if executable is None:
+                executable = self._load_or_compile(saved_dir(), key, args)
+                _compiled[shared] = executable
+            self._mine[key] = executable
+        return executable(*dynamic)
 
     def _file(self, folder: Path, key) -> Path:
         import hashlib
 
-        statics, tree, leaves = key
+        statics, tree, leaves, _ = key  # the settings are part of _environment()
         leaves = [_leaf_text(x) for x in leaves]
         text = repr((self.name, self.identity, statics, str(tree), leaves, _environment()))
         return folder / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}.bin"
@@ -321,6 +347,9 @@ class SavedProgram:
         import jax
         from jax.experimental import serialize_executable
 
+        if folder is None:  # no cache on disk: compile for this process only
+            self.compiled += 1
+            return self.jitted.lower(*args).compile()
         path = self._file(folder, key)
         start = time.perf_counter()
         if path.exists():
@@ -337,6 +366,7 @@ class SavedProgram:
                 _record_load(self.name, start, time.perf_counter())
                 return compiled
         compiled = self.jitted.lower(*args).compile()
+        self.compiled += 1
         try:
             device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
             data = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))

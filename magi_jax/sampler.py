@@ -417,7 +417,9 @@ def _marker(x):
 class Sampler:
     """Generates latent chunks with a DiT; compiled functions are reused across runs.
 
-    `sampler.compilations` counts the programs compiled so far (one per window shape).
+    `sampler.compilations` counts the programs it has run so far (one per window shape);
+    programs are shared by every sampler of the process (compile_cache.SavedProgram), so a
+    second sampler of the same model and shapes compiles nothing.
     """
 
     def __init__(self, model: DiT, config: MagiConfig, mesh=None):
@@ -430,8 +432,8 @@ class Sampler:
         self.graphdef, self.params = nnx.split(model)
         self.steps_done = 0  # sampler steps dispatched in the current run
         self.cache_sharding = None
-        # one per sampler, so their counts are this sampler's compilations; the program (graphdef
-        # and config) is a static argument, so the saved executables are keyed by it
+        # the program (graphdef and config) is a static argument: executables are shared and
+        # saved keyed by it
         self._advance = SavedProgram(advance, "advance", static_argnums=(0,), donate_argnums=(2,))
         self._prefix = SavedProgram(encode_prefix, "encode_prefix", static_argnums=(0,), donate_argnums=(2,))
 

@@ -1,6 +1,7 @@
-"""Saved programs: with the compilation cache on, a compiled executable is kept on disk and a
-later process (here: a new SavedProgram, which shares nothing in memory) loads it instead of
-tracing and compiling; anything that changes the program gives a new one."""
+"""Saved programs: a program compiled once runs in every SavedProgram of the process with the
+same name and identity; with the compilation cache on it is also kept on disk and a later
+process (here: the process's programs forgotten, `forget_programs`) loads it instead of tracing
+and compiling; anything that changes the program gives a new one."""
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from magi_jax.compile_cache import SavedProgram
 def cache_dir(tmp_path):
     before = jax.config.jax_compilation_cache_dir
     compile_cache.enable(str(tmp_path / "cache"))
+    compile_cache.forget_programs()
     yield tmp_path / "cache"
     compile_cache.enable(before or "off")
 
@@ -35,6 +37,7 @@ def test_a_new_process_loads_the_executable_without_tracing(cache_dir):
     assert len(traces) == 1 and first.programs == 1
     assert [p.name.split("-")[0] for p in (cache_dir / "executables").iterdir()] == ["scaled_power"]
 
+    compile_cache.forget_programs()
     later = _program(traces, 2.0)  # nothing in memory: as a fresh process
     with compile_cache.recording() as stats:
         got = later(x, 3, jnp.asarray(y))["out"]
@@ -69,6 +72,7 @@ def test_a_broken_file_is_compiled_again(cache_dir, capsys):
     _program(traces, 2.0)(x, 3, jnp.asarray(y))
     (saved,) = (cache_dir / "executables").iterdir()
     saved.write_bytes(b"not an executable")
+    compile_cache.forget_programs()
     got = _program(traces, 2.0)(x, 3, jnp.asarray(y))["out"]
     assert len(traces) == 2 and "ignoring saved program" in capsys.readouterr().err
     np.testing.assert_array_equal(np.asarray(got), x**3 * 2 + y)
@@ -97,7 +101,46 @@ def test_a_sharded_program_loads_onto_its_devices(cache_dir):
     y = lambda: jax.device_put(jnp.ones(8), x.sharding)  # noqa: E731  (donated: one per call)
     traces = []
     want = _program(traces, 2.0)(x, 2, y())["out"]
+    compile_cache.forget_programs()
     got = _program(traces, 2.0)(x, 2, y())["out"]
     assert len(traces) == 1
     assert got.sharding.device_set == want.sharding.device_set == set(jax.devices()[2:4])
     np.testing.assert_array_equal(np.asarray(got), np.arange(8.0) ** 2 * 2 + 1)
+
+
+def test_programs_are_shared_in_the_process_with_the_cache_off():
+    """A second object of the same name and identity (a second Sampler of the same model) runs
+    the first one's executable: nothing traced or compiled again, even with no cache on disk."""
+    before = jax.config.jax_compilation_cache_dir
+    compile_cache.enable("off")
+    compile_cache.forget_programs()
+    try:
+        traces = []
+        first, second = _program(traces, 3.0), _program(traces, 3.0)
+        first(np.ones(3, np.float32), 2, jnp.ones(3))
+        got = second(np.full(3, 2.0, np.float32), 2, jnp.ones(3))["out"]
+        assert len(traces) == 1 and (first.compiled, second.compiled) == (1, 0)
+        assert first.programs == second.programs == 1  # both ran one program
+        np.testing.assert_array_equal(np.asarray(got), np.full(3, 13.0))
+        _program(traces, 4.0)(np.ones(3, np.float32), 2, jnp.ones(3))  # another identity: its own
+        assert len(traces) == 2
+    finally:
+        compile_cache.enable(before or "off")
+
+
+@pytest.mark.parametrize("setting", ["attention implementation", "matmul precision"])
+def test_settings_that_change_tracing_make_a_new_program(setting):
+    """Switched inside a process (attention.using, jax.default_matmul_precision): not the old one."""
+    from magi_jax import attention
+
+    compile_cache.forget_programs()
+    traces = []
+    x = np.ones(3, np.float32)
+    _program(traces, 6.0)(x, 2, jnp.ones(3))
+    if setting == "attention implementation":
+        with attention.using("dpa"):
+            _program(traces, 6.0)(x, 2, jnp.ones(3))
+    else:
+        with jax.default_matmul_precision("bfloat16"):
+            _program(traces, 6.0)(x, 2, jnp.ones(3))
+    assert len(traces) == 2
