@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from train_clips import blob_latents, clips
 
-from magi_jax import sharding
+from magi_jax import compile_cache, sharding
 from magi_jax.config import load_config
 from magi_jax.dit import DiT
 from magi_jax.forward_call import Captions, ForwardCall, Rows, Window
@@ -314,7 +314,7 @@ def _train_steps(tcfg, batch, mesh, steps=2):
 @pytest.mark.parametrize("kind,mesh_text", [("full", "data=2,model=4"), ("lora", "data=8")])
 def test_sharded_step_equals_single_device(kind, mesh_text):
     """Two train steps (grad_accum 2) on a mesh of the session's 8 host devices equal the
-    single-device steps, and parameters stay in the rules table's layout."""
+    single-device steps, compile once, and parameters stay in the rules table's layout."""
     assert jax.device_count() == 8
     batch = clips(CFG, [blob_latents(CFG, a) for a in np.linspace(0, 3, 8)], list(range(8)))
     lcfg = LoRAConfig(rank=4) if kind == "lora" else None
@@ -324,7 +324,9 @@ def test_sharded_step_equals_single_device(kind, mesh_text):
     ref_state, ref_losses = _train_steps(tcfg, batch, None)
     ref = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(ref_state.params)}
     mesh = sharding.make_mesh(sharding.parse_mesh(mesh_text))
-    state, losses = _train_steps(tcfg, batch, mesh)
+    with compile_cache.recording() as stats:
+        state, losses = _train_steps(tcfg, batch, mesh)
+    assert sum("_train_step" in name for name in stats.compiled) == 1, "later steps reuse the first one's program"
     got = {p: v.get_value() for p, v in nnx.to_flat_state(state.params)}
     want = sharding.shardings(state.params, mesh)
 
