@@ -161,18 +161,18 @@ class DiTLayer(nnx.Module):
         all rows; span: static bound on a chunk's visible keys (ForwardCall.window.kv_span)."""
         pd = self.params_dtype
         s = x.shape[0]
-        r = row.kv_range.shape[0]
+        r = ctx.kv_range.shape[0]
         h, g, dh = self.heads, self.groups, self.head_dim
 
         ln = self.attn_norm(x)
         with jax.named_scope("self_attention"):
             q = self.q(ln)
-            q = apply_rope(self.q_norm(q.reshape(s, h, dh).astype(f32)), row.sin, row.cos).astype(q.dtype)
+            q = apply_rope(self.q_norm(q.reshape(s, h, dh).astype(f32)), ctx.sin, ctx.cos).astype(q.dtype)
             k = self.k(ln)
-            k = apply_rope(self.k_norm(k.reshape(s, g, dh).astype(f32)), row.sin, row.cos).astype(k.dtype)
+            k = apply_rope(self.k_norm(k.reshape(s, g, dh).astype(f32)), ctx.sin, ctx.cos).astype(k.dtype)
             v = self.v(ln).reshape(s, g, dh)
             keys = key_buffer(k, v, ctx.first_token, window)
-            core = chunk_self_attention(q, keys, row.kv_range, s // r, span)
+            core = chunk_self_attention(q, keys, ctx.kv_range, s // r, span)
 
         with jax.named_scope("cross_attention"):
             xq = self.q_norm_x(self.qx(ln).reshape(s, h, dh))
@@ -245,9 +245,6 @@ class RowInputs:
     cond: jax.Array  # (R, Dc) AdaLN condition per chunk
     caption: jax.Array  # (R, L, Dx) projected caption tokens
     caption_mask: jax.Array  # (R, L)
-    sin: jax.Array  # (S, 3*nb) rope tables
-    cos: jax.Array
-    kv_range: jax.Array  # (R, 2) int32 global [start, end) per chunk
 
 
 @jax.tree_util.register_dataclass
@@ -255,7 +252,10 @@ class RowInputs:
 class PassInputs:
     """Traced per-pass values every layer reads (built once per forward, closed over by the scan)."""
 
+    sin: jax.Array  # (S, 3*nb) rope tables
+    cos: jax.Array
     rows: RowInputs  # (B, ...) per guidance row
+    kv_range: jax.Array  # (R, 2) int32
     first_token: jax.Array  # () int32 global position of the pass's first token
 
 
@@ -317,9 +317,8 @@ class DiT(nnx.Module):
             tokens = self.x_embedder(self._patchify(x.astype(f32))).astype(pd)
 
         p, pt = cfg.patch_size, cfg.t_patch_size
-        frames = tt // pt // r
         with jax.named_scope("rope"):
-            sin, cos = rope_tables(self.rope_bands[...], call.frame0, call.t_total, frames, hh // p, ww // p)
+            sin, cos = rope_tables(self.rope_bands[...], call.frame0, call.t_total, tt // pt // r, hh // p, ww // p)
         with jax.named_scope("condition_embed"):
             t_emb = self.t_embedder(call.t)
             if self.distill:
@@ -333,16 +332,13 @@ class DiT(nnx.Module):
             caption = self.y_embedder.tokens(captions.tokens).astype(pd)
 
         s = tokens.shape[0]
-        first_token = jnp.asarray(call.first_chunk, jnp.int32) * (s // r)
-        per_row = [(sin, cos, call.kv_range.astype(jnp.int32))] * call.rows.count
-        if any(call.rows.alone):
-            with jax.named_scope("rope"):  # every chunk alone: at frame 0, seeing its own tokens
-                zeros = jnp.zeros((r,), jnp.int32)
-                alone = rope_tables(self.rope_bands[...], zeros, zeros + frames, frames, hh // p, ww // p)
-            own = first_token + jnp.arange(r, dtype=jnp.int32)[:, None] * (s // r) + jnp.array([0, s // r])
-            per_row = [(*alone, own) if a else shared for a, shared in zip(call.rows.alone, per_row)]
-        sins, coss, ranges = (jnp.stack(v) for v in zip(*per_row))
-        ctx = PassInputs(rows=RowInputs(cond, caption, captions.mask, sins, coss, ranges), first_token=first_token)
+        ctx = PassInputs(
+            sin=sin,
+            cos=cos,
+            rows=RowInputs(cond, caption, captions.mask),
+            kv_range=call.kv_range.astype(jnp.int32),
+            first_token=jnp.asarray(call.first_chunk, jnp.int32) * (s // r),
+        )
         b = call.rows.count
         h = constrain(jnp.broadcast_to(tokens[None], (b, *tokens.shape)), (None, "tokens", "embed"))
         for segment in self.segments:

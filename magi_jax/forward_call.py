@@ -17,15 +17,14 @@ the DiT needs to know besides its inputs (latents, captions) and the KV cache is
   key span        `window.kv_span` (static): the widest kv_range of any chunk, the size of
                   the key slice attention reads per chunk (attention.py)
   guidance rows   `rows.drop_caption`: one entry per row; True takes the AdaLN token of the
-                  dropped caption (null-caption rows); `rows.alone`: rows whose chunks each
-                  see only themselves at rope frame 0; `cfg_scales` the 3-way mix weights
+                  dropped caption (null-caption rows); `cfg_scales` the 3-way mix weights
                   of each denoising chunk (looked up on the host by schedule.cfg_scales)
 
 Static values (`Window`, `Rows`) are frozen dataclasses held as pytree metadata: they are
 part of the jit cache key, so each distinct value compiles once and nothing static is traced.
 
 The sampler plans every step as a `ForwardCall` (guidance.plan_call); guidance derives the
-passes it runs from it (the unconditional row, the near-clean copy) and hands each to the
+passes it runs from it (the unconditional pass, the near-clean copy) and hands each to the
 DiT unchanged in kind.
 
 Captions follow one layout end to end: `Captions.tokens` (B, R, L, Cc) and `.mask` (B, R, L),
@@ -74,30 +73,19 @@ class Rows:
     """The guidance rows of a pass and how the pass uses the cache (static).
 
     drop_caption: per row, AdaLN from the dropped-caption token;
-    alone: per row (empty: none), every chunk of the row sees only its own tokens at rope
-      frame 0 (upstream's unconditional pass, run as a row of the batched pass so the
-      program holds one DiT body); the call's kv_range, frame0 and t_total are the other rows';
     read_cache: attend to cache rows below the first token;
     write_row: the row whose keys/values go to the cache (None: no write);
     write_bound: static bound on the tokens written (None: all the call's tokens).
     """
 
     drop_caption: tuple[bool, ...] = (False,)
-    alone: tuple[bool, ...] = ()
     read_cache: bool = False
     write_row: int | None = None
     write_bound: int | None = None
 
-    def __post_init__(self):
-        if self.alone and len(self.alone) != len(self.drop_caption):
-            raise ValueError(f"alone {self.alone} needs one entry per row of drop_caption {self.drop_caption}")
-
     @property
     def count(self) -> int:
         return len(self.drop_caption)
-
-    def is_alone(self, row: int) -> bool:
-        return bool(self.alone) and self.alone[row]
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ the chunk's t range:  (1 - p) * uncond + (p - s) * cond_pre + s * cond
   cond     caption, attends to previous chunks (cache) - reads the cache
   cond_pre null caption, attends to previous chunks    - reads and WRITES the cache
   uncond   null caption, every denoising chunk alone at rope frame 0, no cache
-The three are guidance rows of one batched DiT pass (uncond: `Rows.alone`).
+cond and cond_pre are two guidance rows of one batched DiT pass.
 Distilled models (cfg_number 1, `distilled`) run one caption pass that writes the cache.
 When the first denoising chunk is nearly clean, a copy of it is appended after the last
 chunk (so it gets the rope frames after the window) attending only to itself, and its
@@ -72,7 +72,7 @@ def plan_call(config: MagiConfig, window: Window, step: DispatchStep, chunk: Chu
     if config.runtime.cfg_number == 3:
         if writes and step.near_clean:
             count -= chunk.tokens  # upstream leaves the last chunk's rows to the next call
-        rows = Rows(drop_caption=(False, True, True), alone=(False, False, True), read_cache=True, write_row=1)
+        rows = Rows(drop_caption=(False, True), read_cache=True, write_row=1)
     else:
         rows = Rows(drop_caption=(False,), read_cache=True, write_row=0)
     return ForwardCall(
@@ -100,19 +100,30 @@ def _geometry(model: DiT, x, chunks: int) -> tuple[int, ChunkGeometry]:
 
 
 def three_way_cfg(model: DiT, x, captions: Captions, call: ForwardCall, cache: KVCache):
-    """Base models: cond, cond_pre (the cache pass) and uncond (each chunk alone) as three
-    rows of one batched pass over the window, mixed per denoising chunk. The uncond row also
-    runs the re-encoded clean chunk, if any (its output is dropped): one DiT body per program
-    instead of two halves the compile time. Returns (out (C, T, H, W), cache)."""
+    """Base models: cond + cond_pre (one batched pass over the window, the cache pass) and
+    uncond (the denoising chunks alone), mixed per chunk. Returns (out (C, T, H, W), cache)."""
     r, d = call.chunks, call.window.denoising
-    width, _ = _geometry(model, x, r)
-    with jax.named_scope("guidance_rows"):
-        rows, cache = model(x, captions.row(CAPTION_ROW, NULL_ROW, NULL_ROW), call, cache)
+    width, chunk = _geometry(model, x, r)
+    with jax.named_scope("cond_rows"):
+        both, cache = model(x, captions, call, cache)
+    with jax.named_scope("uncond_row"):
+        alone = ForwardCall(
+            t=call.t[r - d :],
+            kv_range=jnp.stack([jnp.arange(d) * chunk.tokens, (jnp.arange(d) + 1) * chunk.tokens], axis=1),
+            frame0=jnp.zeros((d,), jnp.int32),
+            t_total=jnp.full((d,), chunk.frames, jnp.int32),
+            first_chunk=jnp.int32(0),
+            write_count=jnp.int32(0),
+            distill_dt=call.distill_dt,
+            window=dataclasses.replace(call.window, kv_span=chunk.tokens),  # each chunk sees itself only
+            rows=Rows(drop_caption=(True,)),
+        )
+        uncond, _ = model(x[:, (r - d) * width :], captions.row(NULL_ROW).chunks(r - d), alone, None)
     with jax.named_scope("cfg_mix"):
         p, s = call.cfg_scales[0], call.cfg_scales[1]
         per_chunk = lambda a: a.reshape(a.shape[0], d, width, *a.shape[2:])  # noqa: E731
         bc = lambda v: v[None, :, None, None, None]  # noqa: E731
-        cond, cond_pre, uncond = (rows[i, :, (r - d) * width :] for i in range(3))
+        cond, cond_pre, uncond = both[0, :, (r - d) * width :], both[1, :, (r - d) * width :], uncond[0]
         mixed = bc(1 - p) * per_chunk(uncond) + bc(p - s) * per_chunk(cond_pre) + bc(s) * per_chunk(cond)
         out = mixed.reshape(uncond.shape)
     return jnp.concatenate([x[:, : (r - d) * width].astype(f32), out], axis=1), cache

@@ -126,7 +126,7 @@ def plan_memory(
     d, h, g, hd = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels
     ffn = m.ffn_hidden_size * (2 if m.gated_linear_unit else 1)
     length, cc, dx = m.caption_max_length, m.caption_channels, m.xattn_size
-    rows = 3 if rt.cfg_number == 3 else 1  # base models: cond, cond_pre and uncond run as one batched pass
+    rows = 2 if rt.cfg_number == 3 else 1  # the caption and null-caption passes run batched
     model_split = sizes["model"]
     c, t, hh, ww = lay.latent_shape
     inputs = 4 * (2 * c * t * hh * ww) + 4 * 2 * lay.chunk_num * length * (cc + 1)  # latents, prefix, captions
@@ -159,11 +159,9 @@ def plan_memory(
             cross += rows * r * length * 2 * kv_row  # the chunks' caption keys and values
             proj = rows * s * (2 * h * hd * pd // model_split + 3 * d * 4)
             mlp = rows * s * ffn * (pd + 4) // model_split
-            # the window's projected captions (float32, then a params_dtype copy unless that is
-            # float32 too), held through the layers; base models also hold the null caption's
-            # chunks, gathered for the batched pass's null rows
-            copy = 0 if pd == 4 else pd
-            captions = rows * r * length * dx * (4 + copy) + (1 if rows > 1 else 0) * r * length * cc * 4
+            # the window's projected captions (float32, then params_dtype), held through the layers;
+            # base models also hold the null caption's chunks for the unconditional pass
+            captions = rows * r * length * dx * (4 + pd) + (rows // 2) * r * length * cc * 4
             working = carry + kv + qkv + max(tile, cross, proj, mlp) + captions
             largest = max(largest, working)
     return MemoryPlan(params, cache, largest + inputs + upcast, sizes)

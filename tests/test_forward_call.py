@@ -70,54 +70,9 @@ def test_profile_scopes():
         "self_attention",
         "cross_attention",
         "mlp",
-        "guidance_rows",
+        "cond_rows",
+        "uncond_row",
         "cfg_mix",
     ):
         assert scope in text, scope
     assert "no_such_scope" not in text
-
-
-def test_an_alone_row_is_each_chunk_run_by_itself():
-    """`Rows.alone` (the unconditional pass as a row of the batched pass): each chunk of that row
-    gives what a call of that chunk alone gives - rope frame 0, its own keys only, no cache -
-    while the other row of the same pass reads the cache as before."""
-    from magi_jax.forward_call import ForwardCall, Rows
-
-    m = BASE.model
-    model = DiT(m, rngs=nnx.Rngs(3))
-    rng = np.random.default_rng(0)
-    r, first = 2, 2  # two chunks after two cached ones
-    x = jnp.asarray(rng.standard_normal((m.in_channels, r * CHUNK.frames, 8, 8)), jnp.float32)
-    tokens = jnp.asarray(rng.standard_normal((2, r, m.caption_max_length, m.caption_channels)), jnp.float32)
-    captions = Captions(tokens, jnp.ones((2, r, m.caption_max_length)))
-    cache = KVCache.create(m.num_layers, 4 * CHUNK.tokens, m.num_query_groups, m.kv_channels, jnp.float32)
-    cache = KVCache(*(jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in (cache.k, cache.v)))
-    t = np.float32([0.3, 0.6])
-    call = ForwardCall(
-        t=t,
-        kv_range=np.int32([[0, 3], [0, 4]]) * CHUNK.tokens,
-        frame0=(first + np.arange(r, dtype=np.int32)) * CHUNK.frames,
-        t_total=np.full(r, (first + r) * CHUNK.frames, np.int32),
-        first_chunk=np.int32(first),
-        write_count=np.int32(0),
-        window=Window(r),
-        rows=Rows(drop_caption=(False, True), alone=(False, True), read_cache=True),
-    )
-    both, _ = jax.jit(model)(x, captions, call, cache)
-    with_cache, _ = jax.jit(model)(x, captions.row(0), call.replace(rows=Rows(read_cache=True)), cache)
-    np.testing.assert_allclose(both[0], with_cache[0], rtol=0, atol=1e-5)
-    for c in range(r):
-        alone = ForwardCall(
-            t=t[c : c + 1],
-            kv_range=np.int32([[0, 1]]) * CHUNK.tokens,
-            frame0=np.int32([0]),
-            t_total=np.int32([CHUNK.frames]),
-            first_chunk=np.int32(0),
-            write_count=np.int32(0),
-            window=Window(1),
-            rows=Rows(drop_caption=(True,)),
-        )
-        width = slice(c * CHUNK.frames, (c + 1) * CHUNK.frames)
-        want, _ = jax.jit(model)(x[:, width], captions.row(1).chunks(c, c + 1), alone, None)
-        np.testing.assert_allclose(both[1][:, width], want[0], rtol=0, atol=1e-5)
-    assert np.abs(np.asarray(both[1]) - np.asarray(with_cache[0])).max() > 1e-3  # the rows differ
