@@ -211,7 +211,8 @@ def _package_digest() -> str:
 
 
 def _environment() -> tuple:
-    """What decides code generation besides the program: versions, devices, flags."""
+    """What decides code generation besides the program and the settings a process can change
+    (`_traced_settings`, part of every key): versions, devices, flags, this package's source."""
     from importlib.metadata import PackageNotFoundError, version
 
     import jax
@@ -229,7 +230,6 @@ def _environment() -> tuple:
         os.environ.get("XLA_FLAGS", ""),
         os.environ.get("LIBTPU_INIT_ARGS", ""),
         _package_digest(),
-        *_traced_settings(),
     )
 
 
@@ -336,23 +336,20 @@ class SavedProgram:
     def _file(self, folder: Path, key) -> Path:
         import hashlib
 
-        statics, tree, leaves, _ = key  # the settings are part of _environment()
+        statics, tree, leaves, settings = key
         leaves = [_leaf_text(x) for x in leaves]
-        text = repr((self.name, self.identity, statics, str(tree), leaves, _environment()))
+        text = repr((self.name, self.identity, statics, str(tree), leaves, settings, _environment()))
         return folder / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}.bin"
 
-    def _load_or_compile(self, folder: Path, key, args):
+    def _load_or_compile(self, folder: Path | None, key, args):
         import pickle
 
         import jax
         from jax.experimental import serialize_executable
 
-        if folder is None:  # no cache on disk: compile for this process only
-            self.compiled += 1
-            return self.jitted.lower(*args).compile()
-        path = self._file(folder, key)
+        path = None if folder is None else self._file(folder, key)  # None: this process only
         start = time.perf_counter()
-        if path.exists():
+        if path is not None and path.exists():
             try:
                 payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
                 by_id = {d.id: d for d in jax.devices()}
@@ -367,6 +364,8 @@ class SavedProgram:
                 return compiled
         compiled = self.jitted.lower(*args).compile()
         self.compiled += 1
+        if path is None:
+            return compiled
         try:
             device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
             data = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))

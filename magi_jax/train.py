@@ -167,9 +167,10 @@ class Trainer:
             state = TrainState(jnp.int32(0), params, opt_state, key)
         if self.mesh is not None:  # every leaf on the mesh (scalars replicated): see `step`
             replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            on_mesh = lambda a: (
-                a if isinstance(a.sharding, jax.sharding.NamedSharding) else jax.device_put(a, replicated)
-            )  # noqa: E731
+
+            def on_mesh(a):
+                return a if isinstance(a.sharding, jax.sharding.NamedSharding) else jax.device_put(a, replicated)
+
             state = jax.tree.map(on_mesh, state)
         return state
 

@@ -36,7 +36,7 @@ def _not_as_table(params, want) -> list[str]:
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
     """The TINY sampler on one device, then on each mesh: latents, parameter and cache layouts.
-    (tests/test_determinism.py runs the same sampler, so the session's cache holds its programs.)
+    (tests/test_determinism.py runs the same sampler: in one worker its programs compile once.)
 
     The parameters are checked as load_dit restores them from a converted checkpoint and as
     build_dit places converted host arrays, before the sampler could move them.
