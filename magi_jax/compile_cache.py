@@ -182,6 +182,31 @@ class recording:
             _active.remove(self.stats)
 
 
+# ----------------------------------------------------------------------------- run-once programs
+
+# A program that runs once (random weights for a run without a checkpoint) is compiled for
+# compile speed: XLA's backend optimisations and (on CPU) its MLIR fusion emitters off.
+# Measured on TINY's DiT, VAE and T5 initialisers: 8.9 s of compilation -> 2.7 s; they run
+# in milliseconds either way.
+RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def compile_run_once(lowered):
+    """`lowered.compile()` with RUN_ONCE_OPTIONS (those this XLA knows: an option it does
+    not know is dropped, as the program is the same without it)."""
+    import jax
+
+    options = dict(RUN_ONCE_OPTIONS)
+    while True:
+        try:
+            return lowered.compile(compiler_options=options)
+        except jax.errors.JaxRuntimeError as e:
+            unknown = [k for k in options if f"'{k}'" in str(e)]
+            if "No such compile option" not in str(e) or not unknown:
+                raise
+            del options[unknown[0]]
+
+
 # ----------------------------------------------------------------------------- saved programs
 # The persistent cache above skips XLA's compilation, but every process still traces and
 # lowers each program again: for a TINY run that is most of a warm start (about 10 s of

@@ -50,9 +50,11 @@ def random_init(build):
     """`build()` (a module made with nnx.Rngs) as one jitted program: one compilation, stored
     in the compilation cache, instead of one small program per parameter (eager init), which
     made the random-weights run's start slow even with a warm cache (the values differ from
-    eager init by rounding: random weights are noise either way)."""
+    eager init by rounding: random weights are noise either way). It runs once, so it is
+    compiled for compile speed (compile_cache.compile_run_once)."""
     graphdef, _ = nnx.split(nnx.eval_shape(build))
-    return nnx.merge(graphdef, jax.block_until_ready(jax.jit(lambda: nnx.split(build())[1])()))
+    program = compile_cache.compile_run_once(jax.jit(lambda: nnx.split(build())[1]).lower())
+    return nnx.merge(graphdef, jax.block_until_ready(program()))
 
 
 def text_encoder(config: MagiConfig, random_weights: bool):

@@ -144,3 +144,22 @@ def test_settings_that_change_tracing_make_a_new_program(setting):
         with jax.default_matmul_precision("bfloat16"):
             _program(traces, 6.0)(x, 2, jnp.ones(3))
     assert len(traces) == 2
+
+
+def test_run_once_programs_compile_with_the_options_this_xla_knows(monkeypatch):
+    """Random-weight initialisers compile with RUN_ONCE_OPTIONS; one option this XLA does not
+    know is dropped (the program is the same), the others stay."""
+    wanted = dict(compile_cache.RUN_ONCE_OPTIONS)
+    monkeypatch.setattr(compile_cache, "RUN_ONCE_OPTIONS", {**wanted, "xla_no_such_option": 1})
+    lowered = jax.jit(lambda x: x * 2).lower(np.ones(3, np.float32))
+    tried = []
+    real = type(lowered).compile
+
+    def spy(self, compiler_options=None):
+        tried.append(dict(compiler_options or {}))
+        return real(self, compiler_options=compiler_options)
+
+    monkeypatch.setattr(type(lowered), "compile", spy)
+    out = compile_cache.compile_run_once(lowered)(np.ones(3, np.float32))
+    np.testing.assert_array_equal(np.asarray(out), np.full(3, 2.0))
+    assert tried == [{**wanted, "xla_no_such_option": 1}, wanted]
