@@ -147,6 +147,8 @@ def main():
                 f"{s['cache_hits']:3d} cache hits, total {s['seconds']['total']:6.2f}s "
                 f"(process {s['process_wall']:.2f}s)"
             )
+            parts = sorted(((v, k) for k, v in s["seconds"].items() if k != "total" and v >= 0.05), reverse=True)
+            print("         " + ", ".join(f"{k} {v:.2f}s" for v, k in parts))
         ratio = runs[1]["time_to_first_chunk"] / runs[0]["time_to_first_chunk"]
         ok = ratio <= 1 / 3
         failed |= not ok

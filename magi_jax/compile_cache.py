@@ -184,10 +184,10 @@ class recording:
 
 # ----------------------------------------------------------------------------- run-once programs
 
-# A program that runs once (random weights for a run without a checkpoint) is compiled for
-# compile speed: XLA's backend optimisations and (on CPU) its MLIR fusion emitters off.
-# Measured on TINY's DiT, VAE and T5 initialisers: 8.9 s of compilation -> 2.7 s; they run
-# in milliseconds either way.
+# A program that runs once and briefly (the random weights of a small model:
+# pipeline.random_init) is compiled for compile speed: XLA's backend optimisations and (on
+# CPU) its MLIR fusion emitters off. TINY's DiT, VAE and T5 initialisers: 8.9 s of
+# compilation -> 2.7 s.
 RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
