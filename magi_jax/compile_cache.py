@@ -180,3 +180,233 @@ class recording:
     def __exit__(self, *exc):
         with _lock:
             _active.remove(self.stats)
+
+
+# ----------------------------------------------------------------------------- run-once programs
+
+# A program that runs once and briefly (the random weights of a small model:
+# pipeline.random_init) is compiled for compile speed: XLA's backend optimisations and (on
+# CPU) its MLIR fusion emitters off. TINY's DiT, VAE and T5 initialisers: 8.9 s of
+# compilation -> 2.7 s.
+RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def compile_run_once(lowered):
+    """`lowered.compile()` with RUN_ONCE_OPTIONS (those this XLA knows: an option it does
+    not know is dropped, as the program is the same without it)."""
+    import jax
+
+    options = dict(RUN_ONCE_OPTIONS)
+    while True:
+        try:
+            return lowered.compile(compiler_options=options)
+        except jax.errors.JaxRuntimeError as e:
+            unknown = [k for k in options if f"'{k}'" in str(e)]
+            if "No such compile option" not in str(e) or not unknown:
+                raise
+            del options[unknown[0]]
+
+
+# ----------------------------------------------------------------------------- saved programs
+# The persistent cache above skips XLA's compilation, but every process still traces and
+# lowers each program again: for a TINY run that is most of a warm start (about 10 s of
+# Python). `SavedProgram` keeps the compiled executable itself next to the cache, keyed by
+# everything that decides the program without tracing it: the function's name and identity
+# (what it closes over), its static arguments, the structure, shapes, dtypes and shardings
+# of its inputs, the source of this package, the JAX version, the devices and the flags that
+# change code generation. A warm process loads the executable and calls it, no tracing.
+
+_EXECUTABLES = "executables"
+_source_digest: str | None = None
+
+
+def _package_digest() -> str:
+    """sha256 of this package's Python sources: any code change makes new programs."""
+    global _source_digest
+    if _source_digest is None:
+        import hashlib
+
+        h = hashlib.sha256()
+        root = Path(__file__).resolve().parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+        _source_digest = h.hexdigest()
+    return _source_digest
+
+
+def _environment() -> tuple:
+    """What decides code generation besides the program and the settings a process can change
+    (`_traced_settings`, part of every key): versions, devices, flags, this package's source."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import jax
+
+    try:
+        jaxlib = version("jaxlib")
+    except PackageNotFoundError:
+        jaxlib = "?"
+    devices = jax.devices()
+    return (
+        jax.__version__,
+        jaxlib,
+        jax.process_count(),
+        tuple((d.platform, d.device_kind, d.id) for d in devices),
+        os.environ.get("XLA_FLAGS", ""),
+        os.environ.get("LIBTPU_INIT_ARGS", ""),
+        _package_digest(),
+    )
+
+
+def _traced_settings() -> tuple:
+    """Settings that can change while a process runs and change what a program traces to:
+    JAX's numerics switches and the attention implementation (attention.using)."""
+    import jax
+
+    return (
+        jax.config.jax_default_matmul_precision,
+        jax.config.jax_enable_x64,
+        str(jax.config.jax_default_prng_impl),
+        os.environ.get("MAGI_ATTENTION", ""),
+    )
+
+
+def _leaf_signature(x):
+    """A hashable description of one input as jit sees it (aval and placement); cheap, as it
+    runs on every call. The text the disk key needs is made only on a miss (`_leaf_text`)."""
+    import jax
+    import numpy as np
+
+    if isinstance(x, jax.Array):
+        return (jax.typeof(x), x.sharding)
+    if isinstance(x, np.ndarray | np.generic):
+        return ("np", x.shape, str(x.dtype))
+    return ("py", type(x).__name__)  # Python scalars: weakly typed by their kind
+
+
+def _leaf_text(signature) -> str:
+    """A signature as stable text, with the device ids of a mesh (its repr leaves them out)."""
+    if signature[0] in ("np", "py"):
+        return repr(signature)
+    aval, s = signature
+    mesh = getattr(s, "mesh", None)
+    ids = tuple(int(d.id) for d in mesh.devices.flat) if mesh is not None and hasattr(mesh, "devices") else ()
+    return repr((str(aval), s, ids))
+
+
+def saved_dir() -> Path | None:
+    """Where executables are kept: inside JAX's compilation cache folder, when it is on."""
+    import jax
+
+    root = jax.config.jax_compilation_cache_dir
+    return None if not root else Path(root) / _EXECUTABLES
+
+
+# Compiled programs of this process, shared by every SavedProgram: a second sampler (or VAE,
+# or text encoder) of the same model and shapes runs the first one's executables, with or
+# without the cache on disk. Keyed like the files on disk, minus what cannot change in a
+# process (versions, devices, flags, sources).
+_compiled: dict = {}
+
+
+def forget_programs():
+    """Drops the programs compiled in this process (as a new process would start)."""
+    _compiled.clear()
+
+
+class SavedProgram:
+    """`jax.jit(fn, static_argnums, donate_argnums)` whose executables are shared by every
+    SavedProgram of the process with the same name and identity, and saved to disk and loaded
+    from there by later processes when the cache is on (see above).
+
+    `identity`: a value whose repr names everything `fn` closes over that changes its program
+    (a graphdef, a scale): two functions with equal name and identity must trace alike.
+    `programs` counts the distinct programs this object has run (compiled here, loaded, or
+    compiled earlier by another SavedProgram of the process); `compiled` those it compiled.
+    """
+
+    def __init__(self, fn, name: str, identity=None, static_argnums=(), donate_argnums=()):
+        import jax
+
+        self.name = name
+        self.identity = identity
+        self.static = tuple(static_argnums)
+        self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
+        self._mine: dict = {}  # key -> executable: this object's programs (the fast path)
+        self.compiled = 0
+
+    @property
+    def programs(self) -> int:
+        return len(self._mine) + self.jitted._cache_size()
+
+    def __call__(self, *args):
+        import jax
+
+        if jax.process_count() > 1:  # several hosts: a plain jit (and JAX's persistent cache)
+            return self.jitted(*args)
+        dynamic = tuple(a for i, a in enumerate(args) if i not in self.static)
+        statics = tuple(args[i] for i in self.static)
+        leaves, tree = jax.tree.flatten(dynamic)
+        key = (statics, tree, tuple(_leaf_signature(x) for x in leaves), _traced_settings())
+        executable = self._mine.get(key)
+        if executable is None:
+            shared = (self.name, self.identity, key)
+            executable = _compiled.get(shared)
+            if executable is None:
+                executable = self._load_or_compile(saved_dir(), key, args)
+                _compiled[shared] = executable
+            self._mine[key] = executable
+        return executable(*dynamic)
+
+    def _file(self, folder: Path, key) -> Path:
+        import hashlib
+
+        statics, tree, leaves, settings = key
+        leaves = [_leaf_text(x) for x in leaves]
+        text = repr((self.name, self.identity, statics, str(tree), leaves, settings, _environment()))
+        return folder / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}.bin"
+
+    def _load_or_compile(self, folder: Path | None, key, args):
+        import pickle
+
+        import jax
+        from jax.experimental import serialize_executable
+
+        path = None if folder is None else self._file(folder, key)  # None: this process only
+        start = time.perf_counter()
+        if path is not None and path.exists():
+            try:
+                payload, in_tree, out_tree, device_ids = pickle.loads(path.read_bytes())
+                by_id = {d.id: d for d in jax.devices()}
+                devices = [by_id[i] for i in device_ids]  # the devices it was compiled for, in order
+                compiled = serialize_executable.deserialize_and_load(
+                    payload, in_tree, out_tree, execution_devices=devices
+                )
+            except Exception as e:  # a stale or broken file: compile again and replace it
+                print(f"warning: ignoring saved program {path.name}: {e}", file=sys.stderr)
+            else:
+                _record_load(self.name, start, time.perf_counter())
+                return compiled
+        compiled = self.jitted.lower(*args).compile()
+        self.compiled += 1
+        if path is None:
+            return compiled
+        try:
+            device_ids = [d.id for d in compiled._executable.xla_executable.local_devices()]
+            data = pickle.dumps((*serialize_executable.serialize(compiled), device_ids))
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # readers see a whole file or none
+        except Exception as e:  # a full disk or an executable that cannot be serialized
+            print(f"warning: could not save program {self.name}: {e}", file=sys.stderr)
+        return compiled
+
+
+def _record_load(name: str, start: float, end: float):
+    """A saved program loaded: counted as a cache hit by the active recorders."""
+    with _lock:
+        for stats in _active:
+            stats.seconds += end - start
+            stats.spans.append((start, end))
+            stats.cache_hits.append(name)

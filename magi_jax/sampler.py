@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ from flax import nnx
 
 from magi_jax import schedule, sharding
 from magi_jax.attention import used_caption_tokens
+from magi_jax.compile_cache import SavedProgram
 from magi_jax.config import ConfigError, MagiConfig
 from magi_jax.dit import DiT
 from magi_jax.forward_call import NULL_ROW, Captions, ForwardCall, Window
@@ -598,7 +598,9 @@ class Sampler:
     `ring=False` keeps a row and a slot for every token and frame of the video instead (the
     same results, for checking). `noise_draw` ("auto", "video", "chunk"): how initial noise
     is drawn from a seed (module docstring).
-    `sampler.compilations` counts the programs compiled so far (one per window shape).
+    `sampler.compilations` counts the programs it has run so far (one per window shape);
+    programs are shared by every sampler of the process (compile_cache.SavedProgram), so a
+    second sampler of the same model and shapes compiles nothing.
     """
 
     def __init__(self, model: DiT, config: MagiConfig, mesh=None, *, ring: bool = True, noise_draw: str = "auto"):
@@ -616,15 +618,15 @@ class Sampler:
         self.steps_done = 0  # sampler steps dispatched in the current run
         self.cache_sharding = None
         self.cache_shape = None  # the KV cache of the current run (for checks and logs)
-        # a partial per sampler: jit's cache is per function object, so its size counts this
-        # sampler's compilations
-        self._advance = jax.jit(functools.partial(advance), static_argnames="program", donate_argnames="state")
-        self._prefix = jax.jit(functools.partial(encode_prefix), static_argnames="program", donate_argnames="state")
+        # the program (graphdef and config) is a static argument: executables are shared and
+        # saved keyed by it
+        self._advance = SavedProgram(advance, "advance", static_argnums=(0,), donate_argnums=(2,))
+        self._prefix = SavedProgram(encode_prefix, "encode_prefix", static_argnums=(0,), donate_argnums=(2,))
         self._shift = jax.jit(shift_slots, static_argnames="frames", donate_argnames="state")
 
     @property
     def compilations(self) -> int:
-        return self._advance._cache_size() + self._prefix._cache_size()
+        return self._advance.programs + self._prefix.programs
 
     def _program(self) -> Program:
         return Program(self.graphdef, self.config)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax.compile_cache import SavedProgram
 from magi_jax.layers import param, scan_layers, stack_layers
 from magi_jax.text_clean import clean_caption
 from magi_jax.weights import abstract_model, build_model, convert_torch, expected_leaves
@@ -246,7 +247,7 @@ class TextEncoder:
             with jax.named_scope("t5_encoder"):  # one block in a profile
                 return nnx.merge(graphdef, s)(ids, m)
 
-        self._encode = jax.jit(run)
+        self._encode = SavedProgram(run, "t5_encode", identity=graphdef)  # kept with the compilation cache
         self.cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.calls = 0  # encoder invocations (cache misses)
 

@@ -154,6 +154,7 @@ class Trainer:
         self.schedule = lr_schedule(tcfg)
         self._trainable = trainable  # the model's own arrays: the first state is cast from them
         self._step = jax.jit(self._train_step, donate_argnums=0)
+        self._pinned = False  # on a mesh: the step's output layout is pinned at the first step
 
     # -- state ---------------------------------------------------------------------------
     def init_state(self) -> TrainState:
@@ -163,7 +164,15 @@ class Trainer:
             params = jax.jit(lambda t: jax.tree.map(lambda a: a.astype(master or a.dtype), t))(self._trainable)
             opt_state = jax.jit(self.tx.init)(params)
             key = jax.random.PRNGKey(self.tcfg.seed)
-            return TrainState(jnp.int32(0), params, opt_state, key)
+            state = TrainState(jnp.int32(0), params, opt_state, key)
+        if self.mesh is not None:  # every leaf on the mesh (scalars replicated): see `step`
+            replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+            def on_mesh(a):
+                return a if isinstance(a.sharding, jax.sharding.NamedSharding) else jax.device_put(a, replicated)
+
+            state = jax.tree.map(on_mesh, state)
+        return state
 
     def _mesh(self):
         import contextlib
@@ -228,6 +237,12 @@ class Trainer:
         n = batch.latents.shape[0]
         if n != self.tcfg.batch_size:
             raise TrainError(f"batch has {n} clips, the config says batch_size {self.tcfg.batch_size}")
+        if self.mesh is not None and not self._pinned:
+            # the new state keeps the layout of the state it came from: left to XLA, a model axis
+            # gives some outputs another sharding, and the second step would compile again
+            layout = jax.tree.map(lambda a: a.sharding, state)
+            self._step = jax.jit(self._train_step, donate_argnums=0, out_shardings=(layout, None))
+            self._pinned = True
         with self._mesh():
             return self._step(state, self.frozen, self.place_batch(batch))
 

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax.compile_cache import SavedProgram
 from magi_jax.layers import LayerNorm, Linear, gelu, param, scan_layers, stack_layers
 from magi_jax.vae_tiling import (
     SCALE_FACTOR,
@@ -510,7 +511,10 @@ class Vae:
                 frames = to_uint8_traced(frames)
             return frames.transpose(1, 2, 3, 0)
 
-        self._jit["decode_chunk"] = jax.jit(chunk, static_argnames=("tiles", "uint8"))
+        # saved to disk with the compilation cache (a warm start skips tracing the decoder)
+        self._jit["decode_chunk"] = SavedProgram(
+            chunk, "decode_chunk", identity=(graphdef, float(scale_factor)), static_argnums=(2, 3)
+        )
 
     @property
     def model(self) -> VaeModel:

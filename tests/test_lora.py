@@ -52,7 +52,11 @@ def test_fresh_adapter_changes_nothing():
     model = apply_lora(DiT(CFG.model, rngs=nnx.Rngs(0)), LoRAConfig(rank=4))
     layers = model.segments[0].layers
     assert all(isinstance(getattr(layers, n), LoRALinear) for n in ALL_TARGETS)
-    np.testing.assert_array_equal(_forward(model), ref)
+    assert all(not np.asarray(getattr(layers, n).lora_b[...]).any() for n in ALL_TARGETS)  # B starts at zero
+    # equal up to float rounding: the adapted model is another program, which XLA may round
+    # differently (it does when compiled without optimisations, as the tests are: conftest.py)
+    got = _forward(model)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
 def test_targets_and_options():

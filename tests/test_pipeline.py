@@ -214,3 +214,23 @@ def test_pipeline_seconds_partition_the_consumer_timeline():
     assert (sec["sampling"], sec["compilation"], sec["decoding"], sec["writing"]) == (3.0, 2.5, 1.5, 2.5)
     consumer_span = sum(c["waiting"][1] - c["waiting"][0] + c["decoding"] + c["writing"] for c in chunks)
     assert sum(sec.values()) == consumer_span
+
+
+def test_small_random_models_compile_for_compile_speed(monkeypatch):
+    """A random initialiser under RUN_ONCE_PARAMETERS compiles with the run-once options (it
+    runs once, briefly); a larger one is compiled as usual (unoptimised, it would draw slower
+    than its compilation saves). Either way the weights come out the same shape."""
+    from flax import nnx
+
+    from magi_jax import compile_cache, pipeline
+
+    used = []
+    real = compile_cache.compile_run_once
+    monkeypatch.setattr(compile_cache, "compile_run_once", lambda lowered: used.append(1) or real(lowered))
+    monkeypatch.setattr(pipeline, "RUN_ONCE_PARAMETERS", 100)
+    small = pipeline.random_init(lambda: nnx.Linear(4, 4, rngs=nnx.Rngs(0)))  # 20 values
+    assert used == [1]
+    large = pipeline.random_init(lambda: nnx.Linear(16, 16, rngs=nnx.Rngs(0)))  # 272 values
+    assert used == [1]
+    assert small.kernel[...].shape == (4, 4) and large.kernel[...].shape == (16, 16)
+    assert np.abs(np.asarray(small.kernel[...])).max() > 0

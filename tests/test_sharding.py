@@ -21,6 +21,7 @@ from magi_jax.vae import TINY as VAE_TINY
 from magi_jax.vae_weights import abstract_vae
 
 MESHES = ["8x1", "2x4", "1x8"]  # model x seq over 8 devices (conftest gives the session 8 CPU devices)
+TWO_DEVICES = "seq=2"  # and one mesh over the first 2 devices
 
 
 def _not_as_table(params, want) -> list[str]:
@@ -35,6 +36,7 @@ def _not_as_table(params, want) -> list[str]:
 @pytest.fixture(scope="module")
 def eight_devices(tmp_path_factory):
     """The TINY sampler on one device, then on each mesh: latents, parameter and cache layouts.
+    (tests/test_determinism.py runs the same sampler: in one worker its programs compile once.)
 
     The parameters are checked as load_dit restores them from a converted checkpoint and as
     build_dit places converted host arrays, before the sampler could move them.
@@ -54,8 +56,9 @@ def eight_devices(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("ckpt") / "tiny.magi_jax")
     checkpoint.save(host, ckpt, "dit", cfg.to_dict())
     out = {"devices": jax.device_count(), "meshes": {}}
-    for text in MESHES:
-        mesh = sharding.make_mesh(sharding.parse_mesh(text))
+    for text in [*MESHES, TWO_DEVICES]:
+        count = 2 if text == TWO_DEVICES else 8
+        mesh = sharding.make_mesh(sharding.parse_mesh(text, count), jax.devices()[:count])
         want = sharding.shardings(abstract_dit(cfg), mesh)
         restored = load_dit(ckpt, cfg, mesh)
         restored_wrong = _not_as_table(nnx.state(restored), want)
@@ -88,7 +91,15 @@ def test_sharded_sampler_equals_single_device(eight_devices, mesh):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", MESHES)
+def test_two_devices_equal_one_device(eight_devices):
+    """Determinism across device counts: 1, 2 (here) and 8 devices (above) give the same latents."""
+    r = eight_devices["meshes"][TWO_DEVICES]
+    assert r["shape"]["seq"] == 2 and r["shape"]["model"] == 1
+    assert r["max_abs_diff"] <= 1e-5 * r["scale"], r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [*MESHES, TWO_DEVICES])
 def test_params_and_cache_sharded_as_the_table_says(eight_devices, mesh):
     r = eight_devices["meshes"][mesh]
     assert r["params_wrong"] == []

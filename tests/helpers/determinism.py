@@ -1,7 +1,7 @@
-"""The TINY sampler run the determinism tests compare: one seed, optionally on a mesh.
+"""The TINY sampler run the determinism test compares: one seed, one device.
 
-Imported by tests/test_determinism.py (in process, on the session's host devices) and run as
-a script in a fresh process, which prints the sha256 of the single-device latents' bytes:
+Imported by tests/test_determinism.py (in process) and run as a script in a fresh process,
+which prints the sha256 of the latents' bytes:
 
     python determinism.py SEED"""
 
@@ -15,23 +15,18 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from magi_jax import sharding  # noqa: E402
 from magi_jax.config import load_config  # noqa: E402
 from magi_jax.dit import DiT  # noqa: E402
 from magi_jax.sampler import Sampler  # noqa: E402
 
-MESHES = {1: None, 2: "seq=2", 8: "model=2,seq=4"}
 
-
-def latents(seed: int, count: int = 1) -> np.ndarray:
-    """The whole video's latents for `seed` on the first `count` devices (MESHES' layout)."""
+def latents(seed: int) -> np.ndarray:
+    """The whole video's latents for `seed` on the default device."""
     cfg = load_config("tiny").replace(
         runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=32, video_size_w=32)
     )
     m = cfg.model
-    text = MESHES[count]
-    mesh = None if text is None else sharding.make_mesh(sharding.parse_mesh(text, count), jax.devices()[:count])
-    sampler = Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg, mesh=mesh)
+    sampler = Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg)
     lay = sampler.layout()
     rng = np.random.default_rng(0)
     cap = rng.standard_normal((2, lay.chunk_num, m.caption_max_length, m.caption_channels)).astype(np.float32)

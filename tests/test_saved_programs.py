@@ -1,0 +1,165 @@
+"""Saved programs: a program compiled once runs in every SavedProgram of the process with the
+same name and identity; with the compilation cache on it is also kept on disk and a later
+process (here: the process's programs forgotten, `forget_programs`) loads it instead of tracing
+and compiling; anything that changes the program gives a new one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from magi_jax import compile_cache
+from magi_jax.compile_cache import SavedProgram
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    compile_cache.enable(str(tmp_path / "cache"))
+    compile_cache.forget_programs()
+    yield tmp_path / "cache"
+    compile_cache.enable(before or "off")
+
+
+def _program(traces: list, scale: float):
+    def f(x, power, y):
+        traces.append(1)  # runs only while tracing
+        return {"out": (x**power) * scale + y}
+
+    return SavedProgram(f, "scaled_power", identity=scale, static_argnums=(1,), donate_argnums=(2,))
+
+
+def test_a_new_process_loads_the_executable_without_tracing(cache_dir):
+    x, y = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32)
+    traces = []
+    first = _program(traces, 2.0)
+    want = first(x, 3, jnp.asarray(y))["out"]
+    assert len(traces) == 1 and first.programs == 1
+    assert [p.name.split("-")[0] for p in (cache_dir / "executables").iterdir()] == ["scaled_power"]
+
+    compile_cache.forget_programs()
+    later = _program(traces, 2.0)  # nothing in memory: as a fresh process
+    with compile_cache.recording() as stats:
+        got = later(x, 3, jnp.asarray(y))["out"]
+    assert len(traces) == 1, "loaded, not traced again"
+    assert stats.cache_hits == ["scaled_power"] and stats.compiled == []
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(got), x**3 * 2 + 1)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["identity", "static argument", "shape", "dtype"],
+)
+def test_anything_that_changes_the_program_compiles_a_new_one(cache_dir, change):
+    x, y = np.ones((2, 3), np.float32), np.ones((2, 3), np.float32)
+    traces = []
+    _program(traces, 2.0)(x, 3, jnp.asarray(y))
+    scale, power = (5.0 if change == "identity" else 2.0), (2 if change == "static argument" else 3)
+    if change == "shape":
+        x, y = np.ones((4, 3), np.float32), np.ones((4, 3), np.float32)
+    if change == "dtype":
+        x = x.astype(np.float16)
+    got = _program(traces, scale)(x, power, jnp.asarray(y))["out"]
+    assert len(traces) == 2, "traced anew"
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.float32(x) ** power * scale + y, rtol=1e-3)
+    assert len(list((cache_dir / "executables").iterdir())) == 2
+
+
+def test_a_broken_file_is_compiled_again(cache_dir, capsys):
+    x, y = np.ones((2, 3), np.float32), np.ones((2, 3), np.float32)
+    traces = []
+    _program(traces, 2.0)(x, 3, jnp.asarray(y))
+    (saved,) = (cache_dir / "executables").iterdir()
+    saved.write_bytes(b"not an executable")
+    compile_cache.forget_programs()
+    got = _program(traces, 2.0)(x, 3, jnp.asarray(y))["out"]
+    assert len(traces) == 2 and "ignoring saved program" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(got), x**3 * 2 + y)
+    assert saved.read_bytes() != b"not an executable", "replaced by the new executable"
+
+
+def test_cache_off_is_a_plain_jit(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    compile_cache.enable("off")
+    try:
+        traces = []
+        p = _program(traces, 2.0)
+        p(np.ones(3, np.float32), 2, jnp.ones(3))
+        p(np.ones(3, np.float32), 2, jnp.ones(3))
+        assert len(traces) == 1 and p.programs == 1 and compile_cache.saved_dir() is None
+    finally:
+        compile_cache.enable(before or "off")
+
+
+def test_a_sharded_program_loads_onto_its_devices(cache_dir):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("seq",), devices=jax.devices()[2:4])
+    x = jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("seq")))
+    y = lambda: jax.device_put(jnp.ones(8), x.sharding)  # noqa: E731  (donated: one per call)
+    traces = []
+    want = _program(traces, 2.0)(x, 2, y())["out"]
+    compile_cache.forget_programs()
+    got = _program(traces, 2.0)(x, 2, y())["out"]
+    assert len(traces) == 1
+    assert got.sharding.device_set == want.sharding.device_set == set(jax.devices()[2:4])
+    np.testing.assert_array_equal(np.asarray(got), np.arange(8.0) ** 2 * 2 + 1)
+
+
+def test_programs_are_shared_in_the_process_with_the_cache_off():
+    """A second object of the same name and identity (a second Sampler of the same model) runs
+    the first one's executable: nothing traced or compiled again, even with no cache on disk."""
+    before = jax.config.jax_compilation_cache_dir
+    compile_cache.enable("off")
+    compile_cache.forget_programs()
+    try:
+        traces = []
+        first, second = _program(traces, 3.0), _program(traces, 3.0)
+        first(np.ones(3, np.float32), 2, jnp.ones(3))
+        got = second(np.full(3, 2.0, np.float32), 2, jnp.ones(3))["out"]
+        assert len(traces) == 1 and (first.compiled, second.compiled) == (1, 0)
+        assert first.programs == second.programs == 1  # both ran one program
+        np.testing.assert_array_equal(np.asarray(got), np.full(3, 13.0))
+        _program(traces, 4.0)(np.ones(3, np.float32), 2, jnp.ones(3))  # another identity: its own
+        assert len(traces) == 2
+    finally:
+        compile_cache.enable(before or "off")
+
+
+@pytest.mark.parametrize("setting", ["attention implementation", "matmul precision"])
+def test_settings_that_change_tracing_make_a_new_program(setting):
+    """Switched inside a process (attention.using, jax.default_matmul_precision): not the old one."""
+    from magi_jax import attention
+
+    compile_cache.forget_programs()
+    traces = []
+    x = np.ones(3, np.float32)
+    _program(traces, 6.0)(x, 2, jnp.ones(3))
+    if setting == "attention implementation":
+        with attention.using("dpa"):
+            _program(traces, 6.0)(x, 2, jnp.ones(3))
+    else:
+        with jax.default_matmul_precision("bfloat16"):
+            _program(traces, 6.0)(x, 2, jnp.ones(3))
+    assert len(traces) == 2
+
+
+def test_run_once_programs_compile_with_the_options_this_xla_knows(monkeypatch):
+    """Random-weight initialisers compile with RUN_ONCE_OPTIONS; one option this XLA does not
+    know is dropped (the program is the same), the others stay."""
+    wanted = dict(compile_cache.RUN_ONCE_OPTIONS)
+    monkeypatch.setattr(compile_cache, "RUN_ONCE_OPTIONS", {**wanted, "xla_no_such_option": 1})
+    lowered = jax.jit(lambda x: x * 2).lower(np.ones(3, np.float32))
+    tried = []
+    real = type(lowered).compile
+
+    def spy(self, compiler_options=None):
+        tried.append(dict(compiler_options or {}))
+        return real(self, compiler_options=compiler_options)
+
+    monkeypatch.setattr(type(lowered), "compile", spy)
+    out = compile_cache.compile_run_once(lowered)(np.ones(3, np.float32))
+    np.testing.assert_array_equal(np.asarray(out), np.full(3, 2.0))
+    assert tried == [{**wanted, "xla_no_such_option": 1}, wanted]
