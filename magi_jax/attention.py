@@ -315,7 +315,11 @@ def chunk_cross_attention(q, k, v, caption_mask, chunk_tokens: int, impl: str | 
     lengths = caption_mask.astype(bool).sum(axis=1).astype(jnp.int32)
     impl = impl or implementation(q.dtype)
     if impl == "xla":
-        kb = min(K_BLOCK, k.shape[1])
+        # key blocks of CAPTION_MULTIPLE tokens, past a chunk's own tokens skipped: a chunk's
+        # result does not depend on the padding of the call's longest caption, so a longer
+        # prompt entering the window (a timeline, a live prompt) leaves the chunks already in
+        # it bit-identical to a run without it
+        kb = min(CAPTION_MULTIPLE, k.shape[1])
         return _xla(q, k, v, jnp.zeros_like(lengths), lengths, _Tiles(r, Q_BLOCK, kb, -(-k.shape[1] // kb)))
     qc = q.reshape(r, chunk_tokens, *q.shape[1:])
     if impl == "pallas":

@@ -524,12 +524,10 @@ class _CaptionFeed:
         Both are cut to the l leading tokens any of them reads (attention.used_caption_tokens),
         so the padding is never projected. l is rounded up to CAPTION_MULTIPLE: each bucket is
         one compilation per window shape, and prompts whose lengths fall in the same bucket
-        (a timeline's segments, a live source's next prompt) run the same programs.
-
-        Not yet exact across buckets: when a chunk whose prompt needs a longer bucket enters,
-        the chunks already in its window take their cross-attention over the longer padding,
-        which on the xla path moves them by float rounding (about 1e-6 relative), so they are
-        not bit-identical to a run without that prompt."""
+        (a timeline's segments, a live source's next prompt) run the same programs. A prompt
+        in a longer bucket leaves the other chunks of its window bit-identical on the xla
+        path (its cross-attention reads CAPTION_MULTIPLE-token key blocks); the fused kernels
+        (cudnn, pallas, dpa) take the whole padded length, which moves them by float rounding."""
         tokens, mask = self._stacked(first, count)
         null_tokens, null_mask = self._null_tokens[None, None], self._null_mask[None, None]
         length = mask.shape[-1]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from flax import nnx
-from test_timeline import NULL, TABLE, fake_encoder
+from test_timeline import TABLE, fake_encoder
 
 from magi_jax.attention import CAPTION_MULTIPLE
 from magi_jax.config import load_config
@@ -13,10 +13,16 @@ from magi_jax.timeline import ChunkCaptions
 
 # 96 frames = 24 latent frames = 12 chunks: past the TINY ring (4 chunks of reach + a window of 4);
 # 4 steps (one per stage): the programs and the ring's wrap are those of 8, at half the run time
-LONG = load_config("tiny").replace(runtime=dict(num_frames=96, video_size_h=32, video_size_w=32, num_steps=4))
+# captions of 96 tokens (TINY: 64): room for a prompt past the null caption's bucket (GALE)
+LONG = load_config("tiny").replace(
+    model=dict(caption_max_length=96), runtime=dict(num_frames=96, video_size_h=32, video_size_w=32, num_steps=4)
+)
+NULL = np.random.default_rng(7).standard_normal((1, 96, LONG.model.caption_channels)).astype(np.float32)
 
 CALM = "a boat on a calm lake"
 STORM = "lightning strikes the boat"  # more caption tokens than CALM; the same trimmed length (the null caption's)
+# 70 caption tokens: past the null caption's 50 (bucket 64), so the windows it enters run 80
+GALE = "a gale rises, waves break over the bow and the sky turns black as night"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,14 @@ def _host(chunks):
 def _captions(cfg, lay, story, prefix_frames=0):
     m = cfg.model
     return ChunkCaptions(
-        story, fake_encoder([]), NULL, cfg.runtime, TABLE, m.caption_max_length, lay.chunk_num, prefix_frames
+        story,
+        fake_encoder([], m.caption_max_length),
+        NULL,
+        cfg.runtime,
+        TABLE,
+        m.caption_max_length,
+        lay.chunk_num,
+        prefix_frames,
     )
 
 
@@ -60,6 +73,8 @@ def test_long_runs(model):
     _check_noise_draws(model, ring, lay)
     _check_run_uses_chunk_draw(ring, lay)
     assert ring.compilations == compiled
+    _check_prompt_change_keeps_earlier_chunks(ring, lay, calm, GALE)
+    assert ring.compilations > compiled  # the longer bucket's programs
 
 
 def _check_ring_equals_whole_video(model, ring, lay, calm):
@@ -73,9 +88,11 @@ def _check_ring_equals_whole_video(model, ring, lay, calm):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * np.abs(b).max(), err_msg=f"chunk {i}")
 
 
-def _check_prompt_change_keeps_earlier_chunks(ring, lay, calm):
+def _check_prompt_change_keeps_earlier_chunks(ring, lay, calm, new_prompt=STORM):
     """An interactive prompt changed while the video streams: every chunk that had started
-    is exactly what a run without the change gives; chunks started after it differ."""
+    is exactly what a run without the change gives, also when the new prompt's captions are
+    a bucket longer (GALE) and the windows it shares with them run the longer captions;
+    chunks started after it differ."""
     window = LONG.runtime.window_size
     current = {"prompt": CALM}
     live = _captions(LONG, lay, lambda chunk, seconds: current["prompt"])
@@ -83,9 +100,9 @@ def _check_prompt_change_keeps_earlier_chunks(ring, lay, calm):
     for i, chunk in enumerate(ring.chunks(live, seed=4)):
         changed.append(np.asarray(chunk))
         if i == 2:  # the user types a new prompt after the third chunk arrives
-            current["prompt"] = STORM
+            current["prompt"] = new_prompt
     started_before = 2 + window  # chunks 0..5 had entered the window when chunk 2 left it
-    assert [p for _, _, p in live.asked].index(STORM) == started_before
+    assert [p for _, _, p in live.asked].index(new_prompt) == started_before
     for i in range(started_before):
         np.testing.assert_array_equal(changed[i], calm[i], err_msg=f"chunk {i} changed")
     assert all(np.abs(changed[i] - calm[i]).max() > 1e-4 for i in range(started_before, lay.chunk_num))
