@@ -58,7 +58,12 @@ class Window:
     near_clean_copy: distilled models append a copy of the first denoising chunk, alone;
     cache_window: cache rows visible below the call's first token (None: all);
     kv_span: the widest key range the schedule gives one chunk, in tokens (None: every key):
-      attention reads, per chunk, a slice of this many keys at its range's start.
+      attention reads, per chunk, a slice of this many keys at its range's start;
+    caption_block: cross-attention's key block in caption tokens on the xla path (None: one
+      block over the call's caption). The sampler uses attention.CAPTION_MULTIPLE, so a chunk's
+      result does not depend on how long the other chunks' captions are (a prompt change
+      leaves the chunks it shares a window with bit-identical); training keeps one block, a
+      loop it would differentiate through block by block.
     """
 
     chunks: int
@@ -66,6 +71,7 @@ class Window:
     near_clean_copy: bool = False
     cache_window: int | None = None
     kv_span: int | None = None
+    caption_block: int | None = None
 
     @property
     def denoising(self) -> int:

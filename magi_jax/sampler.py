@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from magi_jax import schedule, sharding
-from magi_jax.attention import used_caption_tokens
+from magi_jax.attention import CAPTION_MULTIPLE, used_caption_tokens
 from magi_jax.compile_cache import SavedProgram
 from magi_jax.config import ConfigError, MagiConfig
 from magi_jax.dit import DiT
@@ -298,6 +298,7 @@ def plan(config: MagiConfig, lay: Layout, ring: bool = True) -> list[Stage]:
                 near_clean_copy=distilled and near_clean,
                 cache_window=window_rows,
                 kv_span=span,
+                caption_block=CAPTION_MULTIPLE,
             )
             dispatch = DispatchStep(
                 first_chunk=slice_point,
@@ -454,7 +455,7 @@ def prefix_call(config: MagiConfig, lay: Layout, ring: bool = True) -> ForwardCa
         encodes_prefix=True,
         distill_dt=dt0 if config.engine.distill else None,
     )
-    window = Window(chunks=k, kv_span=kv_span(config, lay.chunk_tokens))
+    window = Window(chunks=k, kv_span=kv_span(config, lay.chunk_tokens), caption_block=CAPTION_MULTIPLE)
     return plan_call(config, window, step, chunk_geometry(config, lay, ring))
 
 
@@ -526,7 +527,7 @@ class _CaptionFeed:
         one compilation per window shape, and prompts whose lengths fall in the same bucket
         (a timeline's segments, a live source's next prompt) run the same programs. A prompt
         in a longer bucket leaves the other chunks of its window bit-identical on the xla
-        path (its cross-attention reads CAPTION_MULTIPLE-token key blocks); the fused kernels
+        path (its cross-attention reads CAPTION_MULTIPLE-token key blocks: Window.caption_block); the fused kernels
         (cudnn, pallas, dpa) take the whole padded length, which moves them by float rounding."""
         tokens, mask = self._stacked(first, count)
         null_tokens, null_mask = self._null_tokens[None, None], self._null_mask[None, None]
