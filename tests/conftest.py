@@ -22,7 +22,10 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 # MAGI_TEST_COMPILE=optimized runs the suite compiled as users' runs are. The flags go to
 # subprocesses too (the command-line tests) through the environment; one this XLA does not
 # know would abort it, so each is tried once (in the controller; xdist workers inherit it).
-FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# They are the options random-weight initialisers compile with (compile_cache.RUN_ONCE_OPTIONS).
+from magi_jax.compile_cache import RUN_ONCE_OPTIONS  # noqa: E402  (imports no jax)
+
+FAST_COMPILE = tuple(f"--{k}={str(v).lower()}" for k, v in RUN_ONCE_OPTIONS.items())
 
 
 def _fast_compile():
