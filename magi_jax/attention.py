@@ -308,14 +308,17 @@ def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: 
     return jax.lax.map(one, (qc, lo, hi - lo)).reshape(q.shape)
 
 
-def chunk_cross_attention(q, k, v, caption_mask, chunk_tokens: int, impl: str | None = None):
+def chunk_cross_attention(q, k, v, caption_mask, chunk_tokens: int, block: int | None = None, impl: str | None = None):
     """q (S, H, D); k, v (R, L, G, D) each chunk's caption; caption_mask (R, L) a prefix of
-    valid tokens per chunk (tokens, then padding). -> (S, H, D)."""
+    valid tokens per chunk (tokens, then padding); block: the xla path's key block (None: all
+    L at once). -> (S, H, D)."""
     r = k.shape[0]
     lengths = caption_mask.astype(bool).sum(axis=1).astype(jnp.int32)
     impl = impl or implementation(q.dtype)
     if impl == "xla":
-        kb = min(K_BLOCK, k.shape[1])
+        # with a fixed key block, blocks past a chunk's own tokens skipped, a chunk's result
+        # does not depend on the padding of the call's longest caption (ForwardCall.Window)
+        kb = min(block or K_BLOCK, k.shape[1])
         return _xla(q, k, v, jnp.zeros_like(lengths), lengths, _Tiles(r, Q_BLOCK, kb, -(-k.shape[1] // kb)))
     qc = q.reshape(r, chunk_tokens, *q.shape[1:])
     if impl == "pallas":

@@ -35,8 +35,8 @@ from flax import nnx
 
 from magi_jax.attention import chunk_cross_attention, chunk_self_attention, key_buffer
 from magi_jax.config import ModelConfig
-from magi_jax.forward_call import Captions, ForwardCall
-from magi_jax.kv_cache import KVCache, read_window, write_rows
+from magi_jax.forward_call import Captions, ForwardCall, Window
+from magi_jax.kv_cache import CacheSlots, KVCache, read_window, write_rows
 from magi_jax.layers import LayerNorm, Linear, gelu, linear, param, scan_layers, silu_and_mul, softcap, stack_layers
 from magi_jax.rope import apply_rope, rope_tables
 from magi_jax.sharding import constrain
@@ -156,9 +156,10 @@ class DiTLayer(nnx.Module):
         y = norm(y.reshape(s, d)) + residual.astype(f32)
         return y.astype(out.dtype).astype(self.params_dtype)
 
-    def _row(self, x, row: RowInputs, ctx: PassInputs, window, span: int | None):
+    def _row(self, x, row: RowInputs, ctx: PassInputs, window, shape: Window):
         """One guidance row: x (S, D) -> (x, k, v); `window` = (k, v, start) cache rows shared by
-        all rows; span: static bound on a chunk's visible keys (ForwardCall.window.kv_span)."""
+        all rows; shape: the call's static shape (ForwardCall.window: the key span, the
+        caption key block)."""
         pd = self.params_dtype
         s = x.shape[0]
         r = ctx.kv_range.shape[0]
@@ -172,12 +173,13 @@ class DiTLayer(nnx.Module):
             k = apply_rope(self.k_norm(k.reshape(s, g, dh).astype(f32)), ctx.sin, ctx.cos).astype(k.dtype)
             v = self.v(ln).reshape(s, g, dh)
             keys = key_buffer(k, v, ctx.first_token, window)
-            core = chunk_self_attention(q, keys, ctx.kv_range, s // r, span)
+            core = chunk_self_attention(q, keys, ctx.kv_range, s // r, shape.kv_span)
 
         with jax.named_scope("cross_attention"):
             xq = self.q_norm_x(self.qx(ln).reshape(s, h, dh))
             xkv = self.kv_xattn(row.caption).reshape(*row.caption.shape[:2], g, 2, dh)
-            cross = chunk_cross_attention(xq, self.k_norm_x(xkv[..., 0, :]), xkv[..., 1, :], row.caption_mask, s // r)
+            xk, xv = self.k_norm_x(xkv[..., 0, :]), xkv[..., 1, :]
+            cross = chunk_cross_attention(xq, xk, xv, row.caption_mask, s // r, shape.caption_block)
 
         with jax.named_scope("attention_out"):
             attn = jnp.concatenate([core.reshape(s, h * dh), cross.reshape(s, h * dh)], axis=-1)
@@ -195,16 +197,22 @@ class DiTLayer(nnx.Module):
         """x (B, S, D): B guidance rows over the same tokens (different captions / AdaLN
         tokens), batched so they share one read of the cache window and one compiled body."""
         rows = call.rows
-        window = None
+        window = slots = None
+        if cache is not None:
+            size = min(call.window.cache_window or cache.rows, cache.rows)
+            slots = call.cache_slots
+            if slots is None:  # not planned: the cache is read and written by position
+                slots = CacheSlots.by_position(ctx.first_token, size, cache.rows)
         if cache is not None and rows.read_cache:
-            kw, vw, pos, _ = read_window(cache, layer, ctx.first_token, call.window.cache_window or cache.rows)
-            window = (kw, vw, pos[0])
-        span = call.window.kv_span
-        x, k, v = jax.vmap(lambda xb, rb: self._row(xb, rb, ctx, window, span))(x, ctx.rows)
+            with jax.named_scope("kv_cache_read"):
+                kw, vw, pos, _ = read_window(cache, layer, ctx.first_token, slots, size)
+            window = (kw, vw, pos[0])  # contiguous positions from pos[0] on, ring or not
+        x, k, v = jax.vmap(lambda xb, rb: self._row(xb, rb, ctx, window, call.window))(x, ctx.rows)
         if cache is not None and rows.write_row is not None:
             b = x.shape[1] if rows.write_bound is None else rows.write_bound
             row = rows.write_row
-            cache = write_rows(cache, layer, ctx.first_token, k[row, :b], v[row, :b], call.write_count)
+            with jax.named_scope("kv_cache_write"):
+                cache = write_rows(cache, layer, slots.write, k[row, :b], v[row, :b], call.write_count)
         return x, cache
 
 

@@ -13,7 +13,9 @@ the DiT needs to know besides its inputs (latents, captions) and the KV cache is
                   count the time axis is centred on (rope.py)
   the cache       `write_count`: tokens written from the first token on (0: none, traced so
                   a window shape compiles once); `rows.read_cache`, `rows.write_row`,
-                  `rows.write_bound`, `window.cache_window` (static)
+                  `rows.write_bound`, `window.cache_window` (static); `cache_slots`: the
+                  rows of the KV ring the call reads and writes (kv_cache.CacheSlots,
+                  planned by the sampler; None reads and writes by position)
   key span        `window.kv_span` (static): the widest kv_range of any chunk, the size of
                   the key slice attention reads per chunk (attention.py)
   guidance rows   `rows.drop_caption`: one entry per row; True takes the AdaLN token of the
@@ -41,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magi_jax.kv_cache import CacheSlots
+
 CAPTION_ROW, NULL_ROW = 0, 1
 
 
@@ -54,7 +58,12 @@ class Window:
     near_clean_copy: distilled models append a copy of the first denoising chunk, alone;
     cache_window: cache rows visible below the call's first token (None: all);
     kv_span: the widest key range the schedule gives one chunk, in tokens (None: every key):
-      attention reads, per chunk, a slice of this many keys at its range's start.
+      attention reads, per chunk, a slice of this many keys at its range's start;
+    caption_block: cross-attention's key block in caption tokens on the xla path (None: one
+      block over the call's caption). The sampler uses attention.CAPTION_MULTIPLE, so a chunk's
+      result does not depend on how long the other chunks' captions are (a prompt change
+      leaves the chunks it shares a window with bit-identical); training keeps one block, a
+      loop it would differentiate through block by block.
     """
 
     chunks: int
@@ -62,6 +71,7 @@ class Window:
     near_clean_copy: bool = False
     cache_window: int | None = None
     kv_span: int | None = None
+    caption_block: int | None = None
 
     @property
     def denoising(self) -> int:
@@ -101,6 +111,7 @@ class ForwardCall:
     write_count: jax.Array  # () int32
     distill_dt: jax.Array | None = None  # () float32
     cfg_scales: jax.Array | None = None  # (2, D) prev_chunk_scale, text_scale per denoising chunk (cfg 3)
+    cache_slots: CacheSlots | None = None  # ring rows read (W,) and written (R,); None: row = position
     window: Window = Window(1)
     rows: Rows = Rows()
 
@@ -114,7 +125,17 @@ class ForwardCall:
 
 jax.tree_util.register_dataclass(
     ForwardCall,
-    data_fields=["t", "kv_range", "frame0", "t_total", "first_chunk", "write_count", "distill_dt", "cfg_scales"],
+    data_fields=[
+        "t",
+        "kv_range",
+        "frame0",
+        "t_total",
+        "first_chunk",
+        "write_count",
+        "distill_dt",
+        "cfg_scales",
+        "cache_slots",
+    ],
     meta_fields=["window", "rows"],
 )
 

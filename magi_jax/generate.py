@@ -3,6 +3,8 @@
     python -m magi_jax.generate --prompt "A red fox trots through snow" --output_path fox.mp4
     python -m magi_jax.generate --config_file 4.5B_distill --mode i2v --image_path cat.jpg \
         --prompt "The cat wakes up" --output_path cat.mp4
+    python -m magi_jax.generate --config_file 4.5B_distill --duration 60s --output_path story.mp4 \
+        --prompt "a cat sleeps on a sofa" --prompt "20s: the cat wakes up" --prompt "40s: it jumps out"
 
 Upstream's flags keep upstream's meaning (`--config_file`, `--mode`, `--prompt`,
 `--image_path`, `--prefix_video_path`, `--output_path`); ours override the config
@@ -41,7 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     ap.add_argument("--config_file", default=None, help="upstream JSON config or variant name (default: tiny)")
     ap.add_argument("--mode", default="t2v", help="t2v, i2v or v2v")
-    ap.add_argument("--prompt", required=True)
+    ap.add_argument(
+        "--prompt",
+        action="append",
+        help="the video's text; repeat as --prompt 'SECONDS: text' for a story that changes (see timeline.py)",
+    )
     ap.add_argument("--image_path", default=None, help="conditioning image (i2v)")
     ap.add_argument("--prefix_video_path", default=None, help="video to continue (v2v)")
     ap.add_argument("--output_path", required=True, help="the .mp4 to write")
@@ -49,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ours.add_argument("--seed", type=int, default=None)
     ours.add_argument("--num_steps", type=int, default=None)
     ours.add_argument("--num_frames", type=int, default=None, help="frames to generate (after any prefix)")
+    ours.add_argument("--duration", default=None, help="video length instead of --num_frames: 60s, 1m30s, ...")
+    ours.add_argument("--prompt_file", default=None, help="a story: one 'SECONDS: text' line per prompt")
+    ours.add_argument(
+        "--extend", action="store_true", help="v2v: continue from the video's last frames; the output holds it whole"
+    )
     ours.add_argument("--size", default=None, help="HEIGHTxWIDTH in pixels, multiples of 16 (e.g. 720x1280)")
     ours.add_argument("--fps", type=int, default=None)
     ours.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="DiT parameter dtype")
@@ -131,6 +142,8 @@ class Plan:
     dit_source: Path | None = None
     mesh: dict | None = None  # {axis: size} when more than one device takes part
     loras: tuple = ()  # ((adapter folder, scale), ...) merged into the DiT in this order
+    timeline: list | None = None  # timeline.Segment list (prompt = the first one's text)
+    keep_video: Path | None = None  # --extend: the video whose frames open the output
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -143,13 +156,15 @@ def _size(text: str) -> tuple[int, int]:
 
 def resolve(args: argparse.Namespace) -> Plan:
     """Checks every input; raises UsageError / ConfigError / MediaError with the fix."""
+    from magi_jax import timeline
     from magi_jax.sampler import layout
     from magi_jax.video_io import ASPECT_POLICIES, check_output_path, read_image, read_video
 
     if args.mode not in MODES:
         raise UsageError(f"unknown --mode {args.mode!r}; use one of {', '.join(MODES)}")
-    if not args.prompt.strip():
-        raise UsageError("--prompt is empty; describe the video to generate")
+    story = timeline.cli_segments(args.prompt, args.prompt_file)
+    if args.extend and args.mode != "v2v":
+        raise UsageError("--extend continues a video: use it with --mode v2v --prefix_video_path")
     output = check_output_path(args.output_path)
     if args.aspect_policy not in ASPECT_POLICIES:
         raise UsageError(f"unknown --aspect_policy {args.aspect_policy!r}; use one of {', '.join(ASPECT_POLICIES)}")
@@ -169,6 +184,13 @@ def resolve(args: argparse.Namespace) -> Plan:
         runtime["num_frames"] = args.num_frames
     if args.fps is not None:
         runtime["fps"] = args.fps
+    if args.duration is not None:
+        if args.num_frames is not None:
+            raise UsageError("give --duration or --num_frames, not both")
+        fps = runtime.get("fps", config.runtime.fps)
+        runtime["num_frames"] = timeline.frames_for(
+            timeline.parse_duration(args.duration), fps, config.runtime.temporal_downsample_factor
+        )
     if args.size is not None:
         runtime["video_size_h"], runtime["video_size_w"] = _size(args.size)
     for flag, field in (("dit_ckpt", "load"), ("vae_ckpt", "vae_pretrained"), ("t5_ckpt", "t5_pretrained")):
@@ -183,6 +205,7 @@ def resolve(args: argparse.Namespace) -> Plan:
         lo = args.prefix_frames // tdf * tdf
         raise UsageError(f"--prefix_frames {args.prefix_frames} must be 0, 1 or a multiple of {tdf}; use {lo or tdf}")
     layout(config, 0)  # the schedule's divisibility rules, before anything is loaded
+    story = timeline.check(story, rt.num_frames / rt.fps, [f"prompt at {s.start:g}s" for s in story])
     import jax
 
     from magi_jax import sharding
@@ -194,7 +217,9 @@ def resolve(args: argparse.Namespace) -> Plan:
     if args.mode == "i2v":
         image = read_image(args.image_path, rt.video_size_w, rt.video_size_h, args.aspect_policy)
     if args.mode == "v2v":
-        video = read_video(args.prefix_video_path, rt.fps, rt.video_size_w, rt.video_size_h, args.prefix_frames or None)
+        video = read_video(
+            args.prefix_video_path, rt.fps, rt.video_size_w, rt.video_size_h, args.prefix_frames or None, args.extend
+        )
         if len(video) != 1:
             video = video[: len(video) // tdf * tdf]  # the VAE encodes 1 frame or a multiple of 4
         if not len(video):
@@ -204,7 +229,21 @@ def resolve(args: argparse.Namespace) -> Plan:
     check_fits(plan_memory(config, mesh, prefix))  # refuse, with the numbers, what cannot fit a device
     dit_source = None if random_weights else _dit_source(config)  # weights must exist
     loras = _loras(args.lora, config)
-    return Plan(config, args.mode, args.prompt, output, random_weights, image, video, dit_source, mesh, loras)
+    keep = Path(args.prefix_video_path) if args.extend else None
+    return Plan(
+        config,
+        args.mode,
+        story[0].prompt,
+        output,
+        random_weights,
+        image,
+        video,
+        dit_source,
+        mesh,
+        loras,
+        timeline=story,
+        keep_video=keep,
+    )
 
 
 def _loras(texts, config: MagiConfig) -> tuple:
@@ -269,6 +308,7 @@ def _main(argv=None) -> int:
     from magi_jax.sampler import NonFiniteError
     from magi_jax.sharding import MeshError, maybe_initialize_distributed
     from magi_jax.tensor_file import CheckpointError
+    from magi_jax.timeline import TimelineError
     from magi_jax.vae import VaeConfigError
     from magi_jax.video_io import MediaError
 
@@ -284,7 +324,7 @@ def _main(argv=None) -> int:
     try:
         plan = resolve(args)
         options = options_from_args(args, started)
-    except (UsageError, ConfigError, MediaError, MeshError, MemoryPlanError, CheckpointError) as e:
+    except (UsageError, ConfigError, MediaError, MeshError, MemoryPlanError, CheckpointError, TimelineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

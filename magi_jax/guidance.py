@@ -38,17 +38,20 @@ from magi_jax.attention import used_caption_tokens
 from magi_jax.config import MagiConfig
 from magi_jax.dit import DiT
 from magi_jax.forward_call import CAPTION_ROW, NULL_ROW, Captions, ForwardCall, Rows, Window
-from magi_jax.kv_cache import KVCache
+from magi_jax.kv_cache import KVCache, plan_slots
 
 f32 = jnp.float32
 
 
 @dataclass(frozen=True)
 class ChunkGeometry:
-    """Token frames and tokens of one chunk (static for a run)."""
+    """Token frames and tokens of one chunk, and the chunks the run's KV cache ring holds
+    (static for a run; ring_chunks None: calls carry no cache slots, the cache is read by
+    position)."""
 
     frames: int
     tokens: int
+    ring_chunks: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,12 @@ def plan_call(config: MagiConfig, window: Window, step: DispatchStep, chunk: Chu
         rows = Rows(drop_caption=(False, True), read_cache=True, write_row=1)
     else:
         rows = Rows(drop_caption=(False,), read_cache=True, write_row=0)
+    slots = None
+    if chunk.ring_chunks is not None:
+        seen = window.cache_window or chunk.ring_chunks * chunk.tokens
+        if seen % chunk.tokens:
+            raise ValueError(f"cache window of {seen} rows is not a whole number of {chunk.tokens}-token chunks")
+        slots = plan_slots(sp, r, min(seen // chunk.tokens, chunk.ring_chunks), chunk.ring_chunks, chunk.tokens)
     return ForwardCall(
         t=t,
         kv_range=np.asarray(step.kv_range, np.int32),
@@ -86,6 +95,7 @@ def plan_call(config: MagiConfig, window: Window, step: DispatchStep, chunk: Chu
         cfg_scales=np.stack(schedule.cfg_scales(t[r - window.denoising :], config.runtime))
         if config.runtime.cfg_number == 3
         else None,
+        cache_slots=slots,
         window=window,
         rows=rows,
     )

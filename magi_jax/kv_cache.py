@@ -1,13 +1,24 @@
 """The KV cache: keys and values of clean chunks that later chunks attend to.
 
-A fixed-size pytree allocated once for the whole video (every layer, every token row), so
-the sampler can carry it through a jitted loop: reads are windows taken with
-`dynamic_slice`, writes go through `dynamic_update_slice`. Rows are tokens in chunk order
-(within a chunk: t, h, w row-major), keys stored after k-norm and rope, as upstream stores
-them. Row r holds the token at global position r; rows at or past the current `end` were
-never written (or hold stale keys) and are masked out by the reader.
+A fixed-size pytree allocated once per run, so the sampler can carry it through a jitted
+loop. Tokens are in chunk order (within a chunk: t, h, w row-major), keys stored after
+k-norm and rope, as upstream stores them.
 
-Shapes: Lr layers, N rows (tokens of the whole video), G key/value heads, D head dim.
+It is a ring buffer: the token at global position p lives in row p mod N. MAGI-1's schedule
+bounds how far back any chunk attends (`noise2clean_kvrange`, `clean_chunk_kvrange`), so N
+only has to cover that span plus the rows one call writes (sampler.cache_rows), and a video
+of any length runs in the same memory. Where each call reads and writes is planned on the
+host with the rest of the schedule (`plan_slots`, carried in the ForwardCall); positions
+stay global everywhere else (rotary embeddings, key ranges), so the ring is invisible
+outside this module. Reads are chunk-sized slices (`dynamic_slice`), never a gather; a call's
+writes are one scatter of its rows, so the cache stays in place in the layer scan.
+
+A call without planned slots (a direct DiT call, an upstream-recorded call replayed) reads
+the cache by position: one slice holding row = position (`CacheSlots.by_position`), the
+same code with a single block. Rows not written by an earlier call are masked out by the
+reader.
+
+Shapes: Lr layers, N rows, G key/value heads, D head dim, W blocks read, R chunks written.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -37,19 +49,60 @@ class KVCache:
     AXES = ("layers", "kv_seq", "kv_heads", "head_dim")
 
 
-def read_window(cache: KVCache, layer, end, size: int):
-    """Rows [start, start + size) of one layer, the `size` rows just below `end` when possible.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CacheSlots:
+    """Where one call reads and writes the cache: the first row of each block.
 
-    Returns (k, v, positions, ok): k/v (size, G, D), positions (size,) global row indices,
-    ok (size,) True for rows below `end` (written by an earlier call).
+    read: (W,) int32, the blocks of the window below the call's first token, oldest first;
+    read_start: () int32, the global position of the window's first token;
+    write: (R,) int32, one block per chunk of the call (its tokens, in order).
+    A block is the read size / W rows (reads) or the written rows / R (writes).
     """
-    size = min(size, cache.rows)
-    start = jnp.clip(end - size, 0, cache.rows - size)
-    idx = (layer, start, 0, 0)
-    shape = (1, size) + cache.k.shape[2:]
-    k = jax.lax.dynamic_slice(cache.k, idx, shape)[0]
-    v = jax.lax.dynamic_slice(cache.v, idx, shape)[0]
-    pos = start + jnp.arange(size, dtype=jnp.int32)
+
+    read: jax.Array
+    read_start: jax.Array
+    write: jax.Array
+
+    @staticmethod
+    def by_position(end, size: int, rows: int) -> CacheSlots:
+        """Row = position: the `size` rows just below `end` (clipped to the cache) in one
+        block, and one block written from `end` on."""
+        start = jnp.clip(end - size, 0, rows - size).astype(jnp.int32)
+        return CacheSlots(start[None], start, jnp.asarray(end, jnp.int32)[None])
+
+
+def plan_slots(first_chunk: int, chunks: int, window_chunks: int, ring_chunks: int, tokens: int) -> CacheSlots:
+    """The slots (host numpy) of a call over chunks [first_chunk, first_chunk + chunks) that
+    reads the `window_chunks` chunks below it (from chunk 0 while there are fewer), in a ring
+    of `ring_chunks` chunks of `tokens` rows."""
+    if window_chunks > ring_chunks or chunks > ring_chunks:
+        raise ValueError(
+            f"a call over {chunks} chunks reading {window_chunks} below it does not fit a KV ring of {ring_chunks}"
+        )
+    first_read = max(first_chunk - window_chunks, 0)
+    read = (first_read + np.arange(window_chunks)) % ring_chunks * tokens
+    write = (first_chunk + np.arange(chunks)) % ring_chunks * tokens
+    return CacheSlots(read.astype(np.int32), np.int32(first_read * tokens), write.astype(np.int32))
+
+
+def _block(buf, layer, row, size: int):
+    return jax.lax.dynamic_slice(buf, (layer, row, 0, 0), (1, size, *buf.shape[2:]))[0]
+
+
+def read_window(cache: KVCache, layer, end, slots: CacheSlots, size: int):
+    """`size` rows of one layer, read block by block at `slots.read`.
+
+    Returns (k, v, positions, ok): k/v (size, G, D), positions (size,) global token
+    positions, ok (size,) True for positions below `end` (written by an earlier call).
+    """
+    blocks = slots.read.shape[0]
+    if size % blocks:
+        raise ValueError(f"a cache window of {size} rows cannot be read in {blocks} equal blocks")
+    block = size // blocks
+    k = jnp.concatenate([_block(cache.k, layer, slots.read[j], block) for j in range(blocks)])
+    v = jnp.concatenate([_block(cache.v, layer, slots.read[j], block) for j in range(blocks)])
+    pos = slots.read_start + jnp.arange(size, dtype=jnp.int32)
     ok = pos < end
     # zero unwritten rows: masked scores would still multiply them, and 0 * NaN is NaN
     k = jnp.where(ok[:, None, None], k, jnp.zeros_like(k))
@@ -57,15 +110,24 @@ def read_window(cache: KVCache, layer, end, size: int):
     return k, v, pos, ok
 
 
-def write_rows(cache: KVCache, layer, start, k_new, v_new, count) -> KVCache:
-    """Writes the first `count` rows of k_new/v_new (S, G, D) to rows [start, start + count)."""
+def write_rows(cache: KVCache, layer, rows, k_new, v_new, count) -> KVCache:
+    """Writes the first `count` rows of k_new/v_new (S, G, D), split in equal blocks, block i
+    from row `rows[i]` on (rows: the first S / block entries of a CacheSlots.write).
+
+    One scatter of the S rows (rows past `count` get distinct indices past the cache and are
+    dropped): XLA updates the cache in place, where a chain of one dynamic_update_slice per
+    block made it copy the whole cache in the layer scan."""
     s = k_new.shape[0]
-    keep = (jnp.arange(s) < count)[:, None, None]
-    idx = (layer, start, 0, 0)
-    shape = (1, s) + cache.k.shape[2:]
+    if s > cache.rows:
+        raise ValueError(f"a call writes {s} key rows but the KV cache holds {cache.rows}")
+    blocks = rows.shape[0]
+    if s % blocks:
+        raise ValueError(f"{s} written rows cannot be split in {blocks} equal blocks")
+    block = s // blocks
+    at = (jnp.asarray(rows, jnp.int32)[:, None] + jnp.arange(block, dtype=jnp.int32)).reshape(s)
+    at = jnp.where(jnp.arange(s) < count, at, cache.rows + jnp.arange(s, dtype=jnp.int32))
 
     def put(buf, new):
-        old = jax.lax.dynamic_slice(buf, idx, shape)[0]
-        return jax.lax.dynamic_update_slice(buf, jnp.where(keep, new.astype(buf.dtype), old)[None], idx)
+        return buf.at[layer, at].set(new.astype(buf.dtype), mode="drop", unique_indices=True)
 
     return KVCache(put(cache.k, k_new), put(cache.v, v_new))

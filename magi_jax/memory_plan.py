@@ -1,7 +1,8 @@
 """How much device memory a generation needs, per device, before anything is allocated.
 
 Three parts dominate: the DiT's parameters, the KV cache (every layer's keys and values for
-every token of the video) and the working set of the largest window the sampler runs
+the ring of tokens the schedule can still read, sampler.cache_rows: the same for any video
+length) and the working set of the largest window the sampler runs
 (the batched caption / null-caption pass: residual stream, q/k/v with the cache window,
 one attention score tile, the MLP's hidden layer, and the per-chunk captions). Sharding
 divides each part by the mesh axes its dimensions are split over, following
@@ -105,7 +106,7 @@ def plan_memory(
     """The per-device plan for `config`'s video on a mesh ({axis: size}, default one device),
     with the attention implementation `impl` (default: the one this backend runs)."""
     from magi_jax.dit_weights import abstract_dit
-    from magi_jax.sampler import layout, plan
+    from magi_jax.sampler import cache_rows, latent_slots, layout, plan
 
     sizes = dict.fromkeys(sharding.MESH_AXES, 1) | (mesh_sizes or {})
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
@@ -118,7 +119,7 @@ def plan_memory(
         params += _bytes(v.shape, v.dtype) // _shard_factor(var.get_metadata()["out_sharding"], v.shape, mesh)
 
     lay = layout(config, prefix_frames)
-    cache_shape = (m.num_layers, lay.chunk_num * lay.chunk_tokens, m.num_query_groups, m.kv_channels)
+    cache_shape = (m.num_layers, cache_rows(config, lay), m.num_query_groups, m.kv_channels)
     cache = 2 * _bytes(cache_shape, m.dtype) // _shard_factor(KVCache.AXES, cache_shape, mesh)
 
     seq = sizes["seq"]
@@ -128,8 +129,12 @@ def plan_memory(
     length, cc, dx = m.caption_max_length, m.caption_channels, m.xattn_size
     rows = 2 if rt.cfg_number == 3 else 1  # the caption and null-caption passes run batched
     model_split = sizes["model"]
-    c, t, hh, ww = lay.latent_shape
-    inputs = 4 * (2 * c * t * hh * ww) + 4 * 2 * lay.chunk_num * length * (cc + 1)  # latents, prefix, captions
+    c, _, hh, ww = lay.latent_shape
+    slots = latent_slots(config, lay) * lay.chunk_width
+    window = min(rt.window_size, lay.chunk_num)
+    # latents and prefix in the slots; both caption rows of a window's chunks and the null caption
+    # the re-encoded clean chunk reads
+    inputs = 4 * (2 * c * slots * hh * ww) + 4 * (2 * window + 1) * length * (cc + 1)
     # XLA:CPU computes 16-bit dots in float32: it converts the stacked layer kernels whole,
     # ahead of the layer loop, and keeps them for the step
     upcast = 0
@@ -199,7 +204,7 @@ def compiled_step_memory(config: MagiConfig, prefix_frames: int = 0, impl: str |
     reference `plan_memory` is checked against."""
     from magi_jax.dit_weights import abstract_dit
     from magi_jax.forward_call import Captions
-    from magi_jax.sampler import Program, RunInputs, SamplerState, advance, layout, plan
+    from magi_jax.sampler import Program, SamplerState, StageInputs, advance, cache_rows, latent_slots, layout, plan
 
     m = config.model
     lay = layout(config, prefix_frames)
@@ -207,17 +212,17 @@ def compiled_step_memory(config: MagiConfig, prefix_frames: int = 0, impl: str |
     big = max(groups, key=lambda g: g.window.chunks + g.window.near_clean_copy)
     graphdef, params = nnx.split(abstract_dit(config))
     sds = jax.ShapeDtypeStruct
-    rows = lay.chunk_num * lay.chunk_tokens
+    rows = cache_rows(config, lay)
     cache = KVCache(*(sds((m.num_layers, rows, m.num_query_groups, m.kv_channels), m.dtype) for _ in range(2)))
-    state = SamplerState(sds(lay.latent_shape, jnp.float32), cache)
-    run = RunInputs(
-        Captions(
-            sds((2, lay.chunk_num, m.caption_max_length, m.caption_channels), jnp.float32),
-            sds((2, lay.chunk_num, m.caption_max_length), jnp.float32),
-        ),
-        sds(lay.latent_shape, jnp.float32),
-        sds((), jnp.int32),
-    )
+    c, _, h, w = lay.latent_shape
+    slots = (c, latent_slots(config, lay) * lay.chunk_width, h, w)
+    state = SamplerState(sds(slots, jnp.float32), cache)
+    length, cc = m.caption_max_length, m.caption_channels
+
+    def captions(rows, chunks):
+        return Captions(sds((rows, chunks, length, cc), jnp.float32), sds((rows, chunks, length), jnp.float32))
+
+    run = StageInputs(captions(2, big.window.denoising), captions(1, 1), sds(slots, jnp.float32), sds((), jnp.int32))
     group = jax.tree.map(lambda a: sds(np.shape(a), np.asarray(a).dtype), big)
     # a fresh function: jit's trace cache is per function, and the implementation is read at trace time
     step = jax.jit(lambda *a: advance(*a), static_argnums=0, donate_argnums=2)

@@ -1,8 +1,12 @@
-"""One generation, end to end: load the parts, encode the prompt, sample, decode, write.
+"""One generation, end to end: load the parts, encode the prompts, sample, decode, write.
 
-The order keeps memory low, as upstream does: the text encoder runs first and is freed
-before the DiT is loaded; the VAE encodes the prefix (I2V / V2V) before sampling and then
-decodes each chunk the moment the sampler hands it out, appending its frames to the mp4.
+The order keeps memory low, as upstream does: the text encoder runs first (every prompt of
+the timeline, each once) and is freed before the DiT is loaded; the VAE encodes the prefix
+(I2V / V2V) before sampling and then decodes each chunk the moment the sampler hands it
+out, appending its frames to the mp4. Nothing grows with the video's length: the sampler
+runs in constant device memory (sampler.py), each chunk is asked for its caption as it
+enters the window (timeline.ChunkCaptions), and the mp4 is streamed to ffmpeg chunk by
+chunk, so a video of minutes takes the memory of a video of seconds.
 
 Weights: the released upstream layout (`<load>/inference_weight[.fp8][.distill]/`, the VAE
 folder, `<t5_pretrained>/t5-v1_1-xxl/`) is converted on the fly; a magi-jax checkpoint
@@ -135,7 +139,7 @@ def _pipeline(sampler, vae, inputs, writer, sink_kw, on_dispatch=None):
     reads and writes them (on its thread when overlapping); returns the sink."""
     sink = ChunkSink(writer, **sink_kw)
     try:
-        for k, latents in enumerate(sampler.chunks(*inputs[:2], prefix=inputs[2], on_dispatch=on_dispatch)):
+        for k, latents in enumerate(sampler.chunks(inputs[0], inputs[1], prefix=inputs[2], on_dispatch=on_dispatch)):
             run_guard.check()  # a signal swallowed inside a gc callback stops the run here
             with jax.profiler.TraceAnnotation(f"chunk {k}: decode dispatch"):
                 frames = None if writer is None else vae.decode_chunk(latents[0])
@@ -166,7 +170,7 @@ def run(plan, options: RunOptions | None = None) -> dict:
 @dataclass
 class Parts:
     """What a run loads before sampling: the sampler (DiT inside), the VAE, and the sampler's
-    inputs (per-chunk captions and masks, prefix latents or None)."""
+    inputs (per-chunk captions (a timeline.ChunkCaptions), None, prefix latents or None)."""
 
     sampler: object
     vae: object
@@ -177,7 +181,8 @@ class Parts:
 def load_parts(plan, timeline: Timeline) -> Parts:
     """Text encoder (loaded, used, freed), DiT, VAE, prefix latents; each timed in its phase."""
     from magi_jax.sampler import Sampler
-    from magi_jax.special_tokens import sampler_captions, token_table
+    from magi_jax.special_tokens import token_table
+    from magi_jax.timeline import ChunkCaptions, Segment, encode_story
 
     cfg, m = plan.config, plan.config.model
     if plan.random_weights:
@@ -187,13 +192,15 @@ def load_parts(plan, timeline: Timeline) -> Parts:
             "downloaded, or --dit_ckpt/--vae_ckpt/--t5_ckpt (see README)."
         )
 
-    _log(f"[1/4] encoding the prompt ({'random tiny T5' if plan.random_weights else cfg.runtime.t5_pretrained})")
+    story = getattr(plan, "timeline", None) or [Segment(0.0, plan.prompt)]
+    what = "the prompt" if len(story) == 1 else f"{len(story)} prompts"
+    _log(f"[1/4] encoding {what} ({'random tiny T5' if plan.random_weights else cfg.runtime.t5_pretrained})")
     # each load waits for its arrays: dispatch is asynchronous, and the next phase must not
     # be charged for this one's work
     with timeline.phase("load_t5"):
         encoder = text_encoder(cfg, plan.random_weights)
-    with timeline.phase("text_encoding"), encoder as text:
-        caption, mask = text.encode([plan.prompt], m.caption_max_length)
+    with timeline.phase("text_encoding"), encoder as text:  # every prompt of the story, each once
+        encoded = encode_story(lambda p: text.encode(p, m.caption_max_length), story)
 
     mesh = None if plan.mesh is None else sharding.make_mesh(plan.mesh)
     _log("[2/4] loading the DiT and the VAE" + ("" if mesh is None else f", sharding over {dict(mesh.shape)}"))
@@ -215,17 +222,10 @@ def load_parts(plan, timeline: Timeline) -> Parts:
         lay = sampler.layout(0 if prefix is None else prefix.shape[1])
         null = np.asarray(dit.y_embedder.null_caption[...], np.float32)[None]
         table = token_table(channels=m.caption_channels)
-        y, y_mask = sampler_captions(
-            caption[:, None],
-            mask,
-            null,
-            lay.chunk_num,
-            lay.clean_chunks,
-            cfg.runtime,
-            table,
-            max_len=m.caption_max_length,
+        captions = ChunkCaptions(
+            story, encoded, null, cfg.runtime, table, m.caption_max_length, lay.chunk_num, lay.prefix_frames
         )
-    return Parts(sampler, vae, (y, y_mask, prefix), lay)
+    return Parts(sampler, vae, (captions, None, prefix), lay)
 
 
 def _run(plan, options: RunOptions, timeline: Timeline, cache_dir) -> dict:
@@ -282,6 +282,7 @@ def _generate(plan, options: RunOptions, timeline: Timeline, parts: Parts):
     output = VideoWriter(plan.output, cfg.runtime.fps) if writer_here else contextlib.nullcontext()
     with Progress(chunks, sampler_steps(cfg, lay), enabled=writer_here) as progress:
         with output as writer:
+            kept = _write_kept_video(plan, writer, timeline)
             sink = _pipeline(
                 sampler,
                 vae,
@@ -298,7 +299,25 @@ def _generate(plan, options: RunOptions, timeline: Timeline, parts: Parts):
             close_start = timeline.clock()
         timeline.seconds["writing"] += timeline.clock() - close_start  # ffmpeg's flush and the rename
     sink.times = timeline.add_pipeline(sink.times)
+    sink.frames += kept
     return sink
+
+
+def _write_kept_video(plan, writer, timeline: Timeline) -> int:
+    """--extend: the video being continued opens the output, streamed a few frames at a time
+    (never held whole); returns its frame count."""
+    keep = getattr(plan, "keep_video", None)
+    if writer is None or keep is None:
+        return 0
+    from magi_jax.video_io import stream_video
+
+    rt = plan.config.runtime
+    frames = 0
+    with timeline.phase("writing"):
+        for part in stream_video(keep, rt.fps, rt.video_size_w, rt.video_size_h):
+            writer.write(part)
+            frames += len(part)
+    return frames
 
 
 class _Discard:

@@ -14,10 +14,27 @@ How it runs: everything about the schedule - which chunks are in the window, the
 times, key ranges, step sizes - is host-side numpy, computed once per run (`plan`). The
 device runs one jitted function per distinct window shape (chunks in the window, whether
 the extra clean chunk is present, and for distilled models whether the near-clean copy
-is appended): a `fori_loop` over that shape's steps of a stage, carrying the latent video
-and the KV cache. Ramp-up and ramp-down stages use smaller windows, not padded slots, so
-no forward is spent on empty chunks. Clean chunks are handed out between dispatches, the
+is appended): a `fori_loop` over that shape's steps of a stage, carrying the latents and
+the KV cache. Ramp-up and ramp-down stages use smaller windows, not padded slots, so no
+forward is spent on empty chunks. Clean chunks are handed out between dispatches, the
 moment they leave the window.
+
+Memory does not grow with the video. The KV cache is a ring (kv_cache.py) of `cache_rows`
+rows, and the plan says which rows each call reads and writes (ForwardCall.cache_slots).
+The loop carries the latents of `latent_slots` chunks (the window and the clean chunk run
+again with it); the plan says which chunk sits in slot 0 (`Group.slot_base`), and between
+stages the oldest slots leave and the next chunks' initial noise enters. A stage's inputs
+are its own chunks' captions, asked for when a chunk enters the window (so a prompt may
+change while the video streams), and the prefix frames that fall in the slots. Only the
+host plan grows with the length (a few numbers per step). `Sampler(ring=False)` keeps a
+cache row and a latent slot for every token and frame of the video instead: the same code
+without wrap-around, the same results (the tests compare them).
+
+Initial noise: runs of up to WHOLE_DRAW_MAX_CHUNKS chunks draw it as upstream does, one
+randn over the whole latent video (so upstream runs replay from the same seed); longer runs
+draw each chunk's noise from (seed, chunk) when the chunk enters the slots, so nothing grows
+with the length (`noise_draw`: "video", "chunk" or "auto"). Either way the same seed gives
+the same video.
 
 Shapes: C latent channels, T latent frames of the video, h x w latent size, R chunks in a
 window, L caption tokens, Cc caption channels.
@@ -37,7 +54,7 @@ import numpy as np
 from flax import nnx
 
 from magi_jax import schedule, sharding
-from magi_jax.attention import used_caption_tokens
+from magi_jax.attention import CAPTION_MULTIPLE, used_caption_tokens
 from magi_jax.compile_cache import SavedProgram
 from magi_jax.config import ConfigError, MagiConfig
 from magi_jax.dit import DiT
@@ -129,9 +146,10 @@ class Group:
     one window shape share one compiled loop; only the first `count` run.
     """
 
-    steps: StepPlan  # (slots, ...)
+    steps: StepPlan  # (stage steps, ...)
     first_chunk: jax.Array | int  # first denoising chunk of the stage
     count: jax.Array | int  # steps that run
+    slot_base: jax.Array | int  # the chunk whose latents are in slot 0 during the stage
 
     @property
     def window(self) -> Window:
@@ -142,6 +160,19 @@ class Group:
 class Stage:
     groups: list[Group]
     done_chunk: int | None  # chunk that leaves the window clean after this stage
+
+    @property
+    def first_chunk(self) -> int:
+        return int(self.groups[0].first_chunk)
+
+    @property
+    def denoising(self) -> int:
+        """Chunks the stage denoises (its captions)."""
+        return self.groups[0].window.denoising
+
+    @property
+    def slot_base(self) -> int:
+        return int(self.groups[0].slot_base)
 
 
 def _kv_ranges(config: MagiConfig, lay: Layout, slice_point: int, steps_of_chunks: list[int]) -> np.ndarray:
@@ -195,12 +226,41 @@ def kv_span(config: MagiConfig, chunk_tokens: int) -> int | None:
     return max(max(rt.noise2clean_kvrange), rt.clean_chunk_kvrange) * chunk_tokens
 
 
-def chunk_geometry(config: MagiConfig, lay: Layout) -> ChunkGeometry:
-    return ChunkGeometry(lay.chunk_width // config.model.t_patch_size, lay.chunk_tokens)
+def cache_rows(config: MagiConfig, lay: Layout, ring: bool = True) -> int:
+    """Rows of the KV cache ring: the widest span any call reads below its window plus a
+    window's chunks, and at least the prefix (written by one call); never more than the
+    whole video's tokens (`ring=False`: exactly those).
+
+    Why that suffices: a call whose window starts at chunk c writes chunks up to
+    c + window_size (c - 1 is the extra clean chunk when present), so in a ring of
+    (widest - 1 + window_size) chunks it overwrites chunk c + 1 - widest at the oldest, which
+    no later call reads: they read from chunk c + 1 - (widest - 1) on."""
+    whole = lay.chunk_num * lay.chunk_tokens
+    if not ring:
+        return whole
+    written = config.runtime.window_size * lay.chunk_tokens
+    return min(whole, max(cache_window_rows(config, lay) + written, lay.clean_chunks * lay.chunk_tokens))
 
 
-def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
-    """Every step of the run as typed host records, grouped by window shape."""
+def latent_slots(config: MagiConfig, lay: Layout, ring: bool = True) -> int:
+    """Chunks of latents the sampler carries: a window and the clean chunk run again with it."""
+    return min(lay.chunk_num, config.runtime.window_size + 1) if ring else lay.chunk_num
+
+
+def slot_base(first_chunk: int, lay: Layout, slots: int) -> int:
+    """The chunk in latent slot 0 while the stage's denoising chunks start at `first_chunk`
+    (the extra clean chunk, first_chunk - 1, is in the slots too)."""
+    return min(max(first_chunk - 1, 0), lay.chunk_num - slots)
+
+
+def chunk_geometry(config: MagiConfig, lay: Layout, ring: bool = True) -> ChunkGeometry:
+    tokens = lay.chunk_tokens
+    return ChunkGeometry(lay.chunk_width // config.model.t_patch_size, tokens, cache_rows(config, lay, ring) // tokens)
+
+
+def plan(config: MagiConfig, lay: Layout, ring: bool = True) -> list[Stage]:
+    """Every step of the run as typed host records, grouped by window shape (`ring`: the
+    cache slots and latent slots of the ring buffers, else of whole-video buffers)."""
     rt, eng = config.runtime, config.engine
     n, win, cw = rt.num_steps, rt.window_size, lay.chunk_width
     per_stage = n // win
@@ -210,7 +270,8 @@ def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
     distilled = rt.cfg_number == 1
     window_rows = cache_window_rows(config, lay)
     span = kv_span(config, lay.chunk_tokens)
-    geometry = chunk_geometry(config, lay)
+    geometry = chunk_geometry(config, lay, ring)
+    slots = latent_slots(config, lay, ring)
     counts = np.zeros(lay.chunk_num, int)
     stages = []
     for stage in range(table.shape[1]):
@@ -237,6 +298,7 @@ def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
                 near_clean_copy=distilled and near_clean,
                 cache_window=window_rows,
                 kv_span=span,
+                caption_block=CAPTION_MULTIPLE,
             )
             dispatch = DispatchStep(
                 first_chunk=slice_point,
@@ -254,7 +316,8 @@ def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
         for _, steps in groups:
             padded = steps + [steps[-1]] * (per_stage - len(steps))
             stacked = jax.tree.map(lambda *a: np.stack(a), *padded)
-            stage_groups.append(Group(stacked, np.int32(cs), np.int32(len(steps))))
+            base = slot_base(cs, lay, slots)
+            stage_groups.append(Group(stacked, np.int32(cs), np.int32(len(steps)), np.int32(base)))
         counts[cs:ce] += per_stage
         done = cs if counts[cs] == n else None
         stages.append(Stage(stage_groups, done))
@@ -267,20 +330,24 @@ def plan(config: MagiConfig, lay: Layout) -> list[Stage]:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplerState:
-    """What the loop carries: the whole latent video and the KV cache."""
+    """What the loop carries: the latents of the chunks in the slots (from Group.slot_base
+    on) and the KV cache."""
 
-    x: jax.Array  # (C, T, h, w) float32
+    x: jax.Array  # (C, slots * chunk_width, h, w) float32
     cache: KVCache
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class RunInputs:
-    """Constant inputs of a run."""
+class StageInputs:
+    """Inputs of one stage (every step of it): its chunks' captions and the prefix frames in
+    the latent slots."""
 
-    captions: Captions  # (2, chunks, L, Cc): row 0 the caption, row 1 the null caption
-    prefix: jax.Array  # (C, T, h, w) float32 prefix frames (zeros past prefix_frames)
-    prefix_frames: jax.Array  # () int32
+    captions: Captions  # (2, D, L, Cc) the stage's denoising chunks: row 0 caption, row 1 null caption
+    null: Captions  # (1, 1, L, Cc) what the re-encoded clean chunk reads (upstream: chunk 0's null
+    # caption, chunk 1's null mask)
+    prefix: jax.Array  # (C, slots * chunk_width, h, w) float32 prefix frames in the slots (zeros past them)
+    prefix_end: jax.Array  # () int32: slot frames below it are prefix
 
 
 @dataclass(frozen=True)
@@ -296,22 +363,17 @@ def _window(x, start_frame, frames):
     return jax.lax.dynamic_slice(x, (0, start_frame, 0, 0), (c, frames, h, w))
 
 
-def window_captions(captions: Captions, first_chunk, window: Window) -> Captions:
+def window_captions(run: StageInputs, window: Window) -> Captions:
     """Both caption rows of the window's chunks (2, R, L, Cc); the re-encoded clean chunk
-    reads the null caption (chunk 0's, as upstream)."""
-    den = window.denoising
-    tokens = jax.lax.dynamic_slice_in_dim(captions.tokens, first_chunk, den, axis=1)
-    mask = jax.lax.dynamic_slice_in_dim(captions.mask, first_chunk, den, axis=1)
-    if window.extra_clean_chunk:
-        null = captions.tokens[NULL_ROW : NULL_ROW + 1, 0:1]
-        null_mask = captions.mask[NULL_ROW : NULL_ROW + 1, 1:2]  # upstream takes chunk 1's null mask
-        tokens = jnp.concatenate([jnp.broadcast_to(null, (2, *null.shape[1:])), tokens], axis=1)
-        mask = jnp.concatenate([jnp.broadcast_to(null_mask, (2, 1, mask.shape[2])), mask], axis=1)
-    return Captions(tokens, mask)
+    reads the null caption."""
+    if not window.extra_clean_chunk:
+        return run.captions
+    null = Captions(*(jnp.broadcast_to(a, (2, *a.shape[1:])) for a in (run.null.tokens, run.null.mask)))
+    return null.concat(run.captions)
 
 
-def advance(program: Program, params, state: SamplerState, run: RunInputs, group: Group):
-    """Runs the group's live steps (a fori_loop over its step records) on the latent video.
+def advance(program: Program, params, state: SamplerState, run: StageInputs, group: Group):
+    """Runs the group's live steps (a fori_loop over its step records) on the latent slots.
 
     Returns the new state and [step, chunk] of the first step that made NaN/Inf latents
     ([-1, -1]: none), read by the host only when it syncs anyway."""
@@ -326,18 +388,18 @@ def advance(program: Program, params, state: SamplerState, run: RunInputs, group
         plan_i: StepPlan = jax.tree.map(lambda a: a[i], group.steps)
         call = plan_i.call
         with jax.named_scope("window"):
-            start = call.first_chunk * cw
+            start = (call.first_chunk - group.slot_base) * cw  # the window's first frame in the slots
             xw = _window(st.x, start, r * cw)
             frames = start + jnp.arange(r * cw)
-            xw = jnp.where((frames < run.prefix_frames)[None, :, None, None], _window(run.prefix, start, r * cw), xw)
-            captions = window_captions(run.captions, group.first_chunk, window)
+            xw = jnp.where((frames < run.prefix_end)[None, :, None, None], _window(run.prefix, start, r * cw), xw)
+            captions = window_captions(run, window)
         with jax.named_scope("guided_forward"):
             v, cache = guided_velocity(model, config, xw, captions, call, st.cache)
         with jax.named_scope("integrate"):
             xw, v = xw[:, extra * cw :], v[:, extra * cw :]
             dt = jnp.repeat(plan_i.dt, cw)[None, :, None, None]
             x_new = (xw + v * dt).astype(st.x.dtype)
-            x = jax.lax.dynamic_update_slice(st.x, x_new, (0, group.first_chunk * cw, 0, 0))
+            x = jax.lax.dynamic_update_slice(st.x, x_new, (0, (group.first_chunk - group.slot_base) * cw, 0, 0))
         return SamplerState(x, cache), _first_non_finite(bad, i, x_new, group.first_chunk, cw)
 
     state, bad = jax.lax.fori_loop(0, group.count, step, (state, jnp.full((2,), -1, jnp.int32)))
@@ -381,7 +443,7 @@ def encode_prefix(program: Program, params, state: SamplerState, x, captions: Ca
     return SamplerState(state.x, cache)
 
 
-def prefix_call(config: MagiConfig, lay: Layout) -> ForwardCall:
+def prefix_call(config: MagiConfig, lay: Layout, ring: bool = True) -> ForwardCall:
     """The call that encodes the whole prefix chunks (clean time, each sees its predecessors)."""
     rt = config.runtime
     k = lay.clean_chunks
@@ -393,8 +455,8 @@ def prefix_call(config: MagiConfig, lay: Layout) -> ForwardCall:
         encodes_prefix=True,
         distill_dt=dt0 if config.engine.distill else None,
     )
-    window = Window(chunks=k, kv_span=kv_span(config, lay.chunk_tokens))
-    return plan_call(config, window, step, chunk_geometry(config, lay))
+    window = Window(chunks=k, kv_span=kv_span(config, lay.chunk_tokens), caption_block=CAPTION_MULTIPLE)
+    return plan_call(config, window, step, chunk_geometry(config, lay, ring))
 
 
 def _dispatches(group: Group, one_by_one: bool):
@@ -414,28 +476,152 @@ def _marker(x):
     return x[0, 0, 0, 0]
 
 
+def shift_slots(state: SamplerState, fresh, frames: int) -> SamplerState:
+    """Drops the first `frames` latent frames of the slots and appends `fresh` ones."""
+    x = jnp.concatenate([state.x[:, frames:], fresh.astype(state.x.dtype)], axis=1)
+    return SamplerState(x, state.cache)
+
+
+# Runs up to this many chunks draw their initial noise as upstream does, in one randn over
+# the whole latent video (so upstream runs replay from the same seed); longer runs draw each
+# chunk's noise from (seed, chunk) when it is needed, so nothing grows with the length.
+WHOLE_DRAW_MAX_CHUNKS = 32
+NOISE_DRAWS = ("auto", "video", "chunk")
+
+
+class _CaptionFeed:
+    """Per-chunk captions, asked for in chunk order as chunks enter the window and held until
+    they leave it. `source(chunk)` -> (caption (2, L, Cc), mask (2, L)): row 0 the caption,
+    row 1 the null caption. Keeps what the re-encoded clean chunk reads: chunk 0's null
+    caption and chunk 1's null mask (upstream's choice)."""
+
+    def __init__(self, source: Callable[[int], tuple]):
+        self._source = source
+        self._held: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._asked = 0
+        self._null_tokens = self._null_mask = None
+
+    def _ask(self, end: int):
+        while self._asked < end:
+            i = self._asked
+            cap, mask = (np.asarray(a, np.float32) for a in self._source(i))
+            if i == 0:
+                self._null_tokens, self._null_mask = cap[NULL_ROW], mask[NULL_ROW]
+            elif i == 1:
+                self._null_mask = mask[NULL_ROW]
+            self._held[i] = cap, mask
+            self._asked += 1
+
+    def _stacked(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Caption tokens (2, count, L, Cc) and masks (2, count, L) of chunks [first, first + count)."""
+        self._ask(first + count)
+        held = [self._held[i] for i in range(first, first + count)]
+        return np.stack([h[0] for h in held], 1), np.stack([h[1] for h in held], 1)
+
+    def stage(self, first: int, count: int) -> tuple[Captions, Captions]:
+        """A stage's captions: (2, count, l, Cc) of chunks [first, first + count), and the
+        (1, 1, l, Cc) null caption the re-encoded clean chunk reads.
+
+        Both are cut to the l leading tokens any of them reads (attention.used_caption_tokens),
+        so the padding is never projected. l is rounded up to CAPTION_MULTIPLE: each bucket is
+        one compilation per window shape, and prompts whose lengths fall in the same bucket
+        (a timeline's segments, a live source's next prompt) run the same programs. A prompt
+        in a longer bucket leaves the other chunks of its window bit-identical on the xla
+        path (its cross-attention reads CAPTION_MULTIPLE-token key blocks: Window.caption_block); the fused kernels
+        (cudnn, pallas, dpa) take the whole padded length, which moves them by float rounding."""
+        tokens, mask = self._stacked(first, count)
+        null_tokens, null_mask = self._null_tokens[None, None], self._null_mask[None, None]
+        length = mask.shape[-1]
+        used = used_caption_tokens(np.concatenate([mask.reshape(-1, length), null_mask.reshape(-1, length)]))
+        return _device_captions(tokens, mask, used), _device_captions(null_tokens, null_mask, used)
+
+    def prefix_null(self, count: int) -> Captions:
+        """(2, count, l, Cc): both rows the null caption of the prefix chunks [0, count), cut
+        to the leading tokens they read (as `stage`)."""
+        tokens, mask = self._stacked(0, count)
+        tokens, mask = tokens[[NULL_ROW, NULL_ROW]], mask[[NULL_ROW, NULL_ROW]]
+        return _device_captions(tokens, mask, used_caption_tokens(mask))
+
+    def release(self, chunk: int):
+        self._held.pop(chunk, None)
+
+
+def _device_captions(tokens: np.ndarray, mask: np.ndarray, used: int) -> Captions:
+    """The first `used` caption tokens, on the device."""
+    return Captions(jnp.asarray(tokens[..., :used, :]), jnp.asarray(mask[..., :used]))
+
+
+def _array_captions(caption, caption_mask, lay: Layout) -> Callable[[int], tuple]:
+    """Whole-run caption arrays as a per-chunk source, after checking their shapes."""
+    expect = (2, lay.chunk_num)
+    if caption_mask is None or tuple(caption.shape[:2]) != expect or tuple(caption_mask.shape[:2]) != expect:
+        got = None if caption_mask is None else tuple(caption_mask.shape)
+        raise ValueError(
+            f"caption has shape {tuple(caption.shape)} / mask {got}; expected "
+            f"{expect} leading dims (caption and null caption for each of {lay.chunk_num} chunks)"
+        )
+    caption, caption_mask = np.asarray(caption, np.float32), np.asarray(caption_mask, np.float32)
+    return lambda i: (caption[:, i], caption_mask[:, i])
+
+
+class _SlotPrefix:
+    """The prefix frames that fall in the latent slots from a given base chunk on: (frames
+    (C, slots * chunk_width, h, w) float32, zeros past the prefix; prefix_end () int32)."""
+
+    def __init__(self, prefix: np.ndarray | None, lay: Layout, slots: int):
+        c, _, h, w = lay.latent_shape
+        self._prefix = None if prefix is None else np.asarray(prefix, np.float32)
+        self._frames = 0 if prefix is None else prefix.shape[1]
+        self._cw, self._shape = lay.chunk_width, (c, slots * lay.chunk_width, h, w)
+        self._none = jnp.zeros(self._shape, jnp.float32)
+        self._at: dict[int, jax.Array] = {}
+
+    def at(self, base: int) -> tuple[jax.Array, jax.Array]:
+        first = base * self._cw
+        end = jnp.int32(self._frames - first)
+        if self._frames <= first:
+            return self._none, end
+        if base not in self._at:
+            buf = np.zeros(self._shape, np.float32)
+            part = self._prefix[:, first : first + self._shape[1]]
+            buf[:, : part.shape[1]] = part
+            self._at[base] = jnp.asarray(buf)
+        return self._at[base], end
+
+
 class Sampler:
     """Generates latent chunks with a DiT; compiled functions are reused across runs.
 
+    Memory does not grow with the video (module docstring): the KV cache is a ring of
+    `cache_rows` rows and the loop carries the latents of a window plus one chunk.
+    `ring=False` keeps a row and a slot for every token and frame of the video instead (the
+    same results, for checking). `noise_draw` ("auto", "video", "chunk"): how initial noise
+    is drawn from a seed (module docstring).
     `sampler.compilations` counts the programs it has run so far (one per window shape);
     programs are shared by every sampler of the process (compile_cache.SavedProgram), so a
     second sampler of the same model and shapes compiles nothing.
     """
 
-    def __init__(self, model: DiT, config: MagiConfig, mesh=None):
+    def __init__(self, model: DiT, config: MagiConfig, mesh=None, *, ring: bool = True, noise_draw: str = "auto"):
         """`mesh` (sharding.make_mesh): parameters, the KV cache and the window's tokens are
         sharded by sharding.RULES; None runs on the default device."""
+        if noise_draw not in NOISE_DRAWS:
+            raise ValueError(f"unknown noise draw {noise_draw!r}; use one of {', '.join(NOISE_DRAWS)}")
         self.config = config
         self.mesh = mesh
+        self.ring = ring
+        self.noise_draw = noise_draw
         if mesh is not None:
             model = sharding.place(model, mesh)
         self.graphdef, self.params = nnx.split(model)
         self.steps_done = 0  # sampler steps dispatched in the current run
         self.cache_sharding = None
+        self.cache_shape = None  # the KV cache of the current run (for checks and logs)
         # the program (graphdef and config) is a static argument: executables are shared and
         # saved keyed by it
         self._advance = SavedProgram(advance, "advance", static_argnums=(0,), donate_argnums=(2,))
         self._prefix = SavedProgram(encode_prefix, "encode_prefix", static_argnums=(0,), donate_argnums=(2,))
+        self._shift = jax.jit(shift_slots, static_argnames="frames", donate_argnames="state")
 
     @property
     def compilations(self) -> int:
@@ -451,10 +637,33 @@ class Sampler:
         """The whole video's noise in one draw (upstream's layout: one randn over (C, T, h, w))."""
         return jax.random.normal(jax.random.key(seed), lay.latent_shape, jnp.float32)
 
+    def chunk_noise(self, seed: int, lay: Layout, chunk: int) -> jax.Array:
+        """One chunk's noise drawn on its own, (C, chunk_width, h, w): the draw of long runs."""
+        c, _, h, w = lay.latent_shape
+        key = jax.random.fold_in(jax.random.key(seed), chunk)
+        return jax.random.normal(key, (c, lay.chunk_width, h, w), jnp.float32)
+
+    def noise_source(self, lay: Layout, noise, seed: int) -> Callable[[int, int], jax.Array]:
+        """`f(a, b)`: the initial noise of chunks [a, b), (C, (b - a) * chunk_width, h, w),
+        from `noise` (C, T, h, w) when given, else drawn from `seed` as `noise_draw` says."""
+        draw = self.noise_draw
+        if draw not in NOISE_DRAWS:
+            raise ValueError(f"unknown noise draw {draw!r}; use one of {', '.join(NOISE_DRAWS)}")
+        cw = lay.chunk_width
+        if noise is not None:
+            if tuple(noise.shape) != lay.latent_shape:
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {lay.latent_shape}")
+            whole = np.asarray(noise, np.float32)
+        elif draw == "video" or (draw == "auto" and lay.chunk_num <= WHOLE_DRAW_MAX_CHUNKS):
+            whole = np.asarray(self.initial_noise(seed, lay))  # on the host: the device holds only the slots
+        else:
+            return lambda a, b: jnp.concatenate([self.chunk_noise(seed, lay, i) for i in range(a, b)], axis=1)
+        return lambda a, b: jnp.asarray(whole[:, a * cw : b * cw])
+
     def chunks(
         self,
-        caption: np.ndarray,
-        caption_mask: np.ndarray,
+        caption,
+        caption_mask: np.ndarray | None = None,
         *,
         prefix: np.ndarray | None = None,
         noise: np.ndarray | None = None,
@@ -469,59 +678,49 @@ class Sampler:
 
         caption, caption_mask: (2, chunk_num, L, Cc) / (2, chunk_num, L) - per chunk the
         caption (row 0, null caption for clean prefix chunks) and the null caption (row 1),
-        as `text_inputs` prepares them. prefix: (C, frames, h, w) clean latents (I2V: one
-        frame, V2V: several), in the VAE's dtype. noise: (C, T, h, w) to replay a run; else
-        drawn from `seed` (the config's by default). on_dispatch(steps, marker): progress;
-        called after every step is dispatched, with a small device array that becomes ready
-        when the step is done (steps are then dispatched one by one, through the same
-        compiled programs: no host callback is compiled in, which would keep the programs
-        out of the compilation cache and fails on more than one device).
+        as `text_inputs` prepares them; or `caption` a function chunk -> (caption (2, L, Cc),
+        mask (2, L)), asked when the chunk enters the window (timeline.ChunkCaptions: the
+        prompt may change while the video streams). prefix: (C, frames, h, w) clean latents
+        (I2V: one frame, V2V: several), in the VAE's dtype. noise: (C, T, h, w) to replay a
+        run; else drawn from `seed` (the config's by default) as `noise_draw` says.
+        on_dispatch(steps, marker): progress; called after every step is dispatched, with a
+        small device array that becomes ready when the step is done (steps are then
+        dispatched one by one, through the same compiled programs: no host callback is
+        compiled in, which would keep the programs out of the compilation cache and fails
+        on more than one device).
         """
         cfg = self.config
         prefix_frames = 0 if prefix is None else int(prefix.shape[1])
         lay = self.layout(prefix_frames)
-        c, t_all, h, w = lay.latent_shape
+        c, _, h, w = lay.latent_shape
         if prefix is not None:
             if prefix.ndim != 4 or prefix.shape[0] != c or prefix.shape[2:] != (h, w):
                 raise ValueError(f"prefix latents have shape {tuple(prefix.shape)}, expected ({c}, frames, {h}, {w})")
-        expect = (2, lay.chunk_num)
-        if tuple(caption.shape[:2]) != expect or tuple(caption_mask.shape[:2]) != expect:
-            raise ValueError(
-                f"caption has shape {tuple(caption.shape)} / mask {tuple(caption_mask.shape)}; expected "
-                f"{expect} leading dims (caption and null caption for each of {lay.chunk_num} chunks)"
-            )
-        if noise is None:
-            noise = self.initial_noise(cfg.runtime.seed if seed is None else seed, lay)
-        elif tuple(noise.shape) != lay.latent_shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {lay.latent_shape}")
-        stages = plan(cfg, lay)
+        feed = _CaptionFeed(caption if callable(caption) else _array_captions(caption, caption_mask, lay))
+        noise_of = self.noise_source(lay, noise, cfg.runtime.seed if seed is None else seed)
+        stages = plan(cfg, lay, self.ring)
 
         m = cfg.model
-        cache = KVCache.create(
-            m.num_layers, lay.chunk_num * lay.chunk_tokens, m.num_query_groups, m.kv_channels, m.dtype
-        )
+        rows = cache_rows(cfg, lay, self.ring)
+        cache = KVCache.create(m.num_layers, rows, m.num_query_groups, m.kv_channels, m.dtype)
         if self.mesh is not None:
             where = sharding.array_sharding(KVCache.AXES, cache.k.shape, self.mesh)
             cache = KVCache(jax.device_put(cache.k, where), jax.device_put(cache.v, where))
-        state = SamplerState(jnp.asarray(noise, jnp.float32), cache)
-        prefix_f32 = np.zeros(lay.latent_shape, np.float32)
-        if prefix is not None:
-            prefix_f32[:, :prefix_frames] = np.asarray(prefix, np.float32)
-        used = used_caption_tokens(caption_mask)  # padding no chunk reads is never projected
-        captions = Captions(np.asarray(caption), np.asarray(caption_mask)).leading(used)
-        run = RunInputs(
-            Captions(jnp.asarray(captions.tokens, jnp.float32), jnp.asarray(captions.mask, jnp.float32)),
-            jnp.asarray(prefix_f32),
-            jnp.int32(prefix_frames),
-        )
+        self.cache_shape = cache.k.shape
+        slots = latent_slots(cfg, lay, self.ring)
+        base = 0
+        state = SamplerState(noise_of(0, slots), cache)
+        slot_prefix = _SlotPrefix(prefix, lay, slots)
         program = self._program()
 
         with self._mesh_context():
             if lay.clean_chunks:
                 k = lay.clean_chunks
-                null = run.captions.row(NULL_ROW, NULL_ROW).chunks(0, k)  # both rows: the null caption
+                null = feed.prefix_null(k)
                 x = jnp.asarray(prefix[:, : k * lay.chunk_width])
-                state = self._prefix(program, self.params, state, x, null, prefix_call(cfg, lay))
+                state = self._prefix(program, self.params, state, x, null, prefix_call(cfg, lay, self.ring))
+                for i in range(k):
+                    feed.release(i)
 
         self.steps_done = 0
         total = sum(g.count for st in stages for g in st.groups)
@@ -529,6 +728,13 @@ class Sampler:
         earlier = []  # the same for the stages before the current one
         for stage in stages:
             with self._mesh_context():
+                if stage.slot_base > base:  # the oldest slots leave; later chunks' noise enters
+                    fresh = noise_of(base + slots, stage.slot_base + slots)
+                    state = self._shift(state, fresh, frames=(stage.slot_base - base) * lay.chunk_width)
+                    base = stage.slot_base
+                # chunks entering the window are asked for now
+                captions, null = feed.stage(stage.first_chunk, stage.denoising)
+                run = StageInputs(captions, null, *slot_prefix.at(base))
                 for g in stage.groups:
                     for dispatch in _dispatches(g, one_by_one=on_dispatch is not None):
                         done_before = self.steps_done
@@ -543,16 +749,18 @@ class Sampler:
                 # stage runs, so reading them does not make the host wait for this stage
                 _raise_non_finite(earlier, total)
                 earlier, pending = pending, []
-                yield self._clean_chunk(state, lay, stage.done_chunk)
+                feed.release(stage.done_chunk)
+                yield self._clean_chunk(state, lay, stage.done_chunk, base)
         _raise_non_finite(earlier + pending, total)
 
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @staticmethod
-    def _clean_chunk(state: SamplerState, lay: Layout, chunk: int) -> jax.Array:
-        """A finished chunk's frames; prefix frames are not handed out again, except that I2V
-        keeps its first chunk whole (the generated version of the conditioning frame)."""
+    def _clean_chunk(state: SamplerState, lay: Layout, chunk: int, base: int) -> jax.Array:
+        """A finished chunk's frames (`base`: the chunk in slot 0); prefix frames are not
+        handed out again, except that I2V keeps its first chunk whole (the generated version
+        of the conditioning frame)."""
         cw = lay.chunk_width
         start = max(chunk * cw, lay.prefix_frames)
         if chunk == 0 and lay.prefix_frames == 1:
@@ -560,4 +768,4 @@ class Sampler:
         x = state.x
         if not x.is_fully_addressable:  # multi-host: the latents are replicated, read this host's copy
             x = x.addressable_data(0)
-        return x[None, :, start : (chunk + 1) * cw]  # dispatched before the next stage donates x
+        return x[None, :, start - base * cw : (chunk + 1 - base) * cw]  # dispatched before the next stage donates x

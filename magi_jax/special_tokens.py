@@ -103,12 +103,16 @@ def _prepend(token, embs, masks, max_len):
     return embs, masks
 
 
-def pad_special_tokens(keys, embs, masks, table, max_len: int = MAX_TOKENS):
-    """Prepends each token of `keys` in order to every chunk's caption (upstream's rule)."""
+def pad_special_tokens(keys, embs, masks, table, max_len: int = MAX_TOKENS, remaining=None):
+    """Prepends each token of `keys` in order to every chunk's caption (upstream's rule).
+
+    `remaining`: chunks left after each chunk of `embs` (the duration token); by default the
+    chunks of `embs` are the whole run."""
     for key in keys:
         if key == "DURATION_TOKEN":
             c = embs.shape[1]
-            per_chunk = np.stack([table[f"DURATION_TOKEN_{min(c - i - 1, DURATION_CAP - 1) + 1}"] for i in range(c)])
+            left = range(c - 1, -1, -1) if remaining is None else remaining
+            per_chunk = np.stack([table[f"DURATION_TOKEN_{min(k, DURATION_CAP - 1) + 1}"] for k in left])
             embs, masks = _prepend(per_chunk, embs, masks, max_len)
         else:
             embs, masks = _prepend(table[key], embs, masks, max_len)

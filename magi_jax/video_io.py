@@ -103,18 +103,42 @@ def read_image(path, width: int, height: int, policy: str = "fit") -> np.ndarray
 
 
 def read_video(
-    path, fps: int, width: int, height: int, prefix_frames: int | None = 32, max_prefix_chunks: int = 5
+    path,
+    fps: int,
+    width: int,
+    height: int,
+    prefix_frames: int | None = 32,
+    from_end: bool = False,
+    max_prefix_chunks: int = 5,
 ) -> np.ndarray:
-    """Prefix frames (T, H, W, 3) uint8 at `fps`, resized to (height, width) (upstream's cut)."""
+    """Prefix frames (T, H, W, 3) uint8 at `fps`, resized to (height, width) (upstream's cut;
+    `from_end`: the last `prefix_frames` frames, to continue the video)."""
     p = _check_readable(path, "prefix video")
     video = _run_raw(
         ["-ss", "0", "-i", str(p), "-vf", f"fps={fps},scale={width}:{height}"], "prefix video", p, height, width
     )
     if prefix_frames is not None:
-        return video[:prefix_frames]
+        return video[-prefix_frames:] if from_end else video[:prefix_frames]
     n = video.shape[0]
     keep = 1 if n < fps else min(n // fps * fps, max_prefix_chunks * fps)
     return video[-keep:]
+
+
+def stream_video(path, fps: int, width: int, height: int, frames_per_read: int = 16):
+    """Yields the video's frames (n, H, W, 3) uint8 at `fps` and (height, width), a few at a
+    time, as read_video resamples them (the whole video is never held in memory)."""
+    p = _check_readable(path, "video")
+    cmd = [_ffmpeg(), "-hide_banner", "-loglevel", "error", "-nostdin", "-ss", "0", "-i", str(p)]
+    cmd += ["-vf", f"fps={fps},scale={width}:{height}", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
+    size = height * width * 3
+    with _quiet_fork():
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        while block := proc.stdout.read(size * frames_per_read):
+            yield np.frombuffer(block[: len(block) // size * size], np.uint8).reshape(-1, height, width, 3)
+    finally:
+        proc.stdout.close()
+        proc.wait()
 
 
 def check_output_path(path) -> Path:

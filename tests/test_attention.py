@@ -126,10 +126,11 @@ def test_every_available_implementation_matches_the_reference(impl, dtype):
     cap_k, cap_v = _rand((5, 10, 2, 8), 7, dtype), _rand((5, 10, 2, 8), 8, dtype)
     lengths = np.array([7, 10, 0, 1, 3])
     cap_mask = jnp.asarray(np.arange(10)[None] < lengths[:, None])  # prefixes, one empty
-    got = np.asarray(chunk_cross_attention(q, cap_k, cap_v, cap_mask, n, impl=impl), np.float32)
-    for c in range(5):
-        want = _softmax_ref(q[c * n : (c + 1) * n], cap_k[c], cap_v[c], np.arange(10) < lengths[c])
-        np.testing.assert_allclose(got[c * n : (c + 1) * n], want, atol=tol, err_msg=f"chunk {c}")
+    for block in (None, 4):  # one key block, or the sampler's fixed blocks (Window.caption_block)
+        got = np.asarray(chunk_cross_attention(q, cap_k, cap_v, cap_mask, n, block, impl=impl), np.float32)
+        for c in range(5):
+            want = _softmax_ref(q[c * n : (c + 1) * n], cap_k[c], cap_v[c], np.arange(10) < lengths[c])
+            np.testing.assert_allclose(got[c * n : (c + 1) * n], want, atol=tol, err_msg=f"chunk {c}, block {block}")
 
 
 @pytest.mark.parametrize("impl", available_implementations())

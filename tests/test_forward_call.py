@@ -50,6 +50,17 @@ def test_cfg_scales_come_from_the_schedule_lookup():
     assert plan_call(DISTILLED, Window(3), _step(1, 3, distill_dt=4.0), CHUNK).cfg_scales is None
 
 
+def test_the_call_carries_its_ring_slots():
+    """With a KV ring of 6 chunks, a call over chunks 5, 6 with a 4-chunk cache window reads
+    chunks 1..4 and writes chunks 5 and 6 (6 wraps to ring slot 0); without a ring: no slots."""
+    ring = ChunkGeometry(CHUNK.frames, CHUNK.tokens, ring_chunks=6)
+    call = plan_call(BASE, Window(2, cache_window=4 * CHUNK.tokens), _step(5, 2), ring)
+    np.testing.assert_array_equal(call.cache_slots.read, np.arange(1, 5) * CHUNK.tokens)
+    np.testing.assert_array_equal(call.cache_slots.write, [5 * CHUNK.tokens, 0])
+    assert int(call.cache_slots.read_start) == 1 * CHUNK.tokens
+    assert plan_call(BASE, Window(2, cache_window=4 * CHUNK.tokens), _step(5, 2), CHUNK).cache_slots is None
+
+
 def test_profile_scopes():
     """The lowered program names its parts (what a profile shows)."""
     m = BASE.model

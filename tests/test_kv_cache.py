@@ -16,7 +16,7 @@ from flax import nnx
 from magi_jax.config import load_config
 from magi_jax.dit import DiT
 from magi_jax.forward_call import Captions, ForwardCall, Rows
-from magi_jax.kv_cache import KVCache, read_window, write_rows
+from magi_jax.kv_cache import CacheSlots, KVCache, plan_slots, read_window, write_rows
 
 CFG = load_config("tiny")
 
@@ -101,8 +101,8 @@ def test_cache_matters(model):
 
 def test_window_masks_unwritten_rows():
     cache = KVCache(jnp.full((1, 8, 1, 2), jnp.nan), jnp.full((1, 8, 1, 2), jnp.nan))
-    cache = write_rows(cache, 0, 0, jnp.ones((4, 1, 2)), 2 * jnp.ones((4, 1, 2)), 3)
-    k, v, pos, ok = read_window(cache, 0, 3, 4)
+    cache = write_rows(cache, 0, jnp.array([0]), jnp.ones((4, 1, 2)), 2 * jnp.ones((4, 1, 2)), 3)
+    k, v, pos, ok = read_window(cache, 0, 3, CacheSlots.by_position(3, 4, 8), 4)
     np.testing.assert_array_equal(pos, [0, 1, 2, 3])
     np.testing.assert_array_equal(ok, [True, True, True, False])
     assert np.isfinite(k).all() and np.isfinite(v).all()  # unwritten rows are zeroed, never NaN
@@ -116,9 +116,36 @@ def test_cache_is_a_fixed_pytree():
     @jax.jit
     def step(c, i):
         traces.append(1)
-        return write_rows(c, 1, i * 4, jnp.full((4, 1, 4), i, jnp.float32), jnp.ones((4, 1, 4)), 4)
+        return write_rows(c, 1, (i * 4)[None], jnp.full((4, 1, 4), i, jnp.float32), jnp.ones((4, 1, 4)), 4)
 
     for i in range(4):
-        cache = step(cache, i)
+        cache = step(cache, jnp.int32(i))
     assert len(traces) == 1 and cache.k.shape == (2, 16, 1, 4)
     np.testing.assert_array_equal(cache.k[1, :, 0, 0], np.repeat(np.arange(4), 4))
+
+
+def test_ring_slots_wrap_and_read_oldest_first():
+    """Chunk c lives in ring slot c mod N; a window reads the chunks just below the call in
+    position order, across the wrap, and never sees the chunks of the call itself."""
+    tokens, ring = 2, 3
+    slots = plan_slots(first_chunk=4, chunks=2, window_chunks=2, ring_chunks=ring, tokens=tokens)
+    np.testing.assert_array_equal(slots.write, [1 * tokens, 2 * tokens])  # chunks 4, 5 -> slots 1, 2
+    np.testing.assert_array_equal(slots.read, [2 * tokens, 0])  # chunks 2, 3 -> slots 2, 0
+    assert int(slots.read_start) == 2 * tokens
+    early = plan_slots(first_chunk=1, chunks=2, window_chunks=2, ring_chunks=ring, tokens=tokens)
+    np.testing.assert_array_equal(early.read, [0, tokens])
+    assert int(early.read_start) == 0
+    with pytest.raises(ValueError, match="does not fit a KV ring of 3"):
+        plan_slots(first_chunk=0, chunks=4, window_chunks=2, ring_chunks=ring, tokens=tokens)
+
+    # write chunks 0..4 one call at a time (key = position; chunk 4 overwrites chunk 1), read below chunk 4
+    cache = KVCache.create(1, ring * tokens, 1, 1, jnp.float32)
+    for c in range(5):
+        pos = jnp.arange(c * tokens, (c + 1) * tokens, dtype=jnp.float32)[:, None, None]
+        w = plan_slots(c, 1, 0, ring, tokens).write
+        cache = write_rows(cache, 0, jnp.asarray(w), pos, -pos, tokens)
+    k, v, pos, ok = read_window(cache, 0, 4 * tokens, slots, 2 * tokens)
+    np.testing.assert_array_equal(pos, np.arange(4, 8))
+    np.testing.assert_array_equal(k[:, 0, 0], np.arange(4, 8))  # the keys of positions 4..7, from slots 2 and 0
+    np.testing.assert_array_equal(v[:, 0, 0], -np.arange(4, 8))
+    assert ok.all()

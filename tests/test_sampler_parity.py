@@ -1,7 +1,8 @@
 """Whole upstream sampler runs (kind `dit`, `runs[]`) replay end to end.
 
-Each run feeds the recorded noise, processed captions and prefix latents to our sampler and
-compares every yielded clean chunk with upstream's, at the fixture's tolerance.
+Each run feeds the recorded noise, processed captions and prefix latents to our sampler (its
+default ring buffers) and compares every yielded clean chunk with upstream's, at the fixture's
+tolerance; the same run checks the ring buffers against whole-video buffers (issue 13).
 """
 
 import jax
@@ -11,7 +12,7 @@ import parity
 import pytest
 from dit_fixtures import config_of, model_of
 
-from magi_jax.sampler import Sampler, layout
+from magi_jax.sampler import Sampler, cache_rows, latent_slots, layout, plan, prefix_call
 
 
 def _runs(fx):
@@ -42,8 +43,11 @@ def test_generate_run(fx, run):
     lay = layout(cfg, 0 if prefix is None else prefix.shape[1])
     assert [1, *lay.latent_shape] == run["latent_size"] and lay.chunk_num == run["chunk_num"]
 
-    sampler = Sampler(model_of(fx), cfg)
-    chunks = list(sampler.chunks(a["y"], a["emb_masks_processed"], prefix=prefix, noise=a["noise"][0]))
+    model = model_of(fx)
+    sampler = Sampler(model, cfg)  # the ring buffers
+    inputs = dict(caption=a["y"], caption_mask=a["emb_masks_processed"], prefix=prefix, noise=a["noise"][0])
+    chunks = list(sampler.chunks(**inputs))
+    assert sampler.cache_shape[1] == cache_rows(cfg, lay)
     assert [c.shape[2] for c in chunks] == run["yielded_chunk_frames"]
     tol = fx.meta["tolerance"]
     failures = []
@@ -54,6 +58,38 @@ def test_generate_run(fx, run):
         except AssertionError as e:
             failures.append(str(e))
     assert not failures, "\n".join(failures)
+    _check_ring_equals_whole_video(model, cfg, lay, chunks, inputs)
+
+
+def _host_plan(cfg, lay, ring: bool):
+    """The sampler's host plan (every call's records, cache slots included) as flat leaves and structure."""
+    stages = [(s.groups, s.done_chunk) for s in plan(cfg, lay, ring)]
+    return jax.tree.flatten((stages, prefix_call(cfg, lay, ring) if lay.clean_chunks else None))
+
+
+def _check_ring_equals_whole_video(model, cfg, lay, ring_chunks, inputs):
+    """Issue 13 item 2: the ring-buffer sampler gives the whole-video sampler's chunks (same
+    noise) within 1e-6 relative.
+
+    Where the ring holds the whole video (as many KV rows and latent slots as whole-video
+    buffers) the two samplers allocate the same buffers and plan the same calls: one code path
+    and the same compiled programs, so the host plans are compared and nothing runs twice.
+    Where it is smaller (the window-2 runs: 3 latent slots for 4 chunks) a whole-video run is
+    compared chunk by chunk."""
+    whole_rows, whole_slots = cache_rows(cfg, lay, ring=False), latent_slots(cfg, lay, ring=False)
+    assert whole_rows == lay.chunk_num * lay.chunk_tokens and whole_slots == lay.chunk_num
+    if cache_rows(cfg, lay) == whole_rows and latent_slots(cfg, lay) == whole_slots:
+        (ring, ring_tree), (whole, whole_tree) = _host_plan(cfg, lay, True), _host_plan(cfg, lay, False)
+        assert ring_tree == whole_tree
+        for x, y in zip(ring, whole, strict=True):
+            np.testing.assert_array_equal(x, y)
+        return
+    sampler = Sampler(model, cfg, ring=False)
+    whole = list(sampler.chunks(**inputs))
+    assert sampler.cache_shape[1] == whole_rows
+    for i, (got, want) in enumerate(zip(ring_chunks, whole, strict=True)):
+        got, want = np.asarray(got), np.asarray(want)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max(), err_msg=f"chunk {i}")
 
 
 @pytest.mark.parametrize("fx,run", parity.cases("dit", _runs))
