@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,12 +307,38 @@ def saved_dir() -> Path | None:
 # or text encoder) of the same model and shapes runs the first one's executables, with or
 # without the cache on disk. Keyed like the files on disk, minus what cannot change in a
 # process (versions, devices, flags, sources).
-_compiled: dict = {}
+#
+# Bounded, least recently used first out. An executable stays mapped in memory while anything
+# holds it, and XLA:CPU maps a few pages for every kernel of an optimized program (hundreds of
+# mappings per sampler program). Kept forever, a process that runs many shapes (a notebook,
+# a server, the test suite) reaches the kernel's limit on mappings (vm.max_map_count, 65530
+# by default), and the next compile aborts or segfaults inside XLA. One run needs at most a
+# dozen programs of each kind, so this holds several runs' worth; an evicted program is
+# loaded from disk (or compiled) again if it is ever needed.
+KEPT_PROGRAMS = 48
+_compiled: OrderedDict = OrderedDict()
 
 
 def forget_programs():
     """Drops the programs compiled in this process (as a new process would start)."""
-    _compiled.clear()
+    with _lock:
+        _compiled.clear()
+
+
+def _kept(shared):
+    with _lock:
+        executable = _compiled.get(shared)
+        if executable is not None:
+            _compiled.move_to_end(shared)
+        return executable
+
+
+def _keep(shared, executable):
+    with _lock:
+        _compiled[shared] = executable
+        _compiled.move_to_end(shared)
+        while len(_compiled) > KEPT_PROGRAMS:
+            _compiled.popitem(last=False)
 
 
 class SavedProgram:
@@ -323,6 +350,8 @@ class SavedProgram:
     (a graphdef, a scale): two functions with equal name and identity must trace alike.
     `programs` counts the distinct programs this object has run (compiled here, loaded, or
     compiled earlier by another SavedProgram of the process); `compiled` those it compiled.
+    The object keeps only the keys of its programs: the executables live in the process's
+    bounded table (above), so dropping programs there frees them.
     """
 
     def __init__(self, fn, name: str, identity=None, static_argnums=(), donate_argnums=()):
@@ -332,12 +361,12 @@ class SavedProgram:
         self.identity = identity
         self.static = tuple(static_argnums)
         self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
-        self._mine: dict = {}  # key -> executable: this object's programs (the fast path)
+        self._seen: set = set()  # keys of the programs this object has run
         self.compiled = 0
 
     @property
     def programs(self) -> int:
-        return len(self._mine) + self.jitted._cache_size()
+        return len(self._seen) + self.jitted._cache_size()
 
     def __call__(self, *args):
         import jax
@@ -348,14 +377,12 @@ class SavedProgram:
         statics = tuple(args[i] for i in self.static)
         leaves, tree = jax.tree.flatten(dynamic)
         key = (statics, tree, tuple(_leaf_signature(x) for x in leaves), _traced_settings())
-        executable = self._mine.get(key)
+        shared = (self.name, self.identity, key)
+        executable = _kept(shared)
         if executable is None:
-            shared = (self.name, self.identity, key)
-            executable = _compiled.get(shared)
-            if executable is None:
-                executable = self._load_or_compile(saved_dir(), key, args)
-                _compiled[shared] = executable
-            self._mine[key] = executable
+            executable = self._load_or_compile(saved_dir(), key, args)
+            _keep(shared, executable)
+        self._seen.add(key)
         return executable(*dynamic)
 
     def _file(self, folder: Path, key) -> Path:
