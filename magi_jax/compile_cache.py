@@ -308,13 +308,9 @@ def saved_dir() -> Path | None:
 # without the cache on disk. Keyed like the files on disk, minus what cannot change in a
 # process (versions, devices, flags, sources).
 #
-# Bounded, least recently used first out. An executable stays mapped in memory while anything
-# holds it, and XLA:CPU maps a few pages for every kernel of an optimized program (hundreds of
-# mappings per sampler program). Kept forever, a process that runs many shapes (a notebook,
-# a server, the test suite) reaches the kernel's limit on mappings (vm.max_map_count, 65530
-# by default), and the next compile aborts or segfaults inside XLA. One run needs at most a
-# dozen programs of each kind, so this holds several runs' worth; an evicted program is
-# loaded from disk (or compiled) again if it is ever needed.
+# Bounded, least recently used first out: one run needs at most a dozen programs of each
+# kind, so this holds several runs' worth. (An executable dropped here is freed once JAX's
+# own caches let go of it too: see relieve_mappings.)
 KEPT_PROGRAMS = 48
 _compiled: OrderedDict = OrderedDict()
 
@@ -323,6 +319,40 @@ def forget_programs():
     """Drops the programs compiled in this process (as a new process would start)."""
     with _lock:
         _compiled.clear()
+
+
+# Every executable a process holds keeps its machine code mapped: XLA:CPU maps a few pages per
+# kernel, hundreds of regions per sampler program, and JAX's own caches keep every program a
+# process ever compiled. Linux refuses a process more than vm.max_map_count regions (65530 by
+# default), and XLA's next compile then aborts or segfaults. A process that runs many shapes
+# (a notebook, a server, a test worker) gets there; so past half that, runs start by dropping
+# the compiled programs (they come back from the compilation cache, or compile again).
+MAPPINGS_HIGH = 32_768
+
+
+def mapped_regions() -> int | None:
+    """Memory regions this process maps (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def relieve_mappings(limit: int | None = None) -> bool:
+    """Drops every compiled program of the process (ours and JAX's caches) when it maps more
+    than `limit` regions (default MAPPINGS_HIGH); returns whether it did."""
+    import gc
+
+    import jax
+
+    regions = mapped_regions()
+    if regions is None or regions <= (MAPPINGS_HIGH if limit is None else limit):
+        return False
+    forget_programs()
+    jax.clear_caches()
+    gc.collect()
+    return True
 
 
 def _kept(shared):

@@ -191,3 +191,22 @@ def test_the_process_keeps_a_bounded_number_of_programs(monkeypatch):
     program(np.ones((1, 3), np.float32), 2, jnp.ones((1, 3), np.float32))  # evicted: compiled again
     assert program.compiled == 4 and len(compile_cache._compiled) == 2
     compile_cache.forget_programs()
+
+
+@pytest.mark.skipif(compile_cache.mapped_regions() is None, reason="needs /proc/self/maps (Linux)")
+def test_relieving_mappings_unmaps_the_programs_of_the_process():
+    """Compiled programs stay mapped (JAX caches them too) until the process drops them:
+    relieve_mappings does, past its limit, and the programs still run afterwards."""
+    compile_cache.forget_programs()
+    jax.clear_caches()
+    program = _program([], 11.0)
+    before = compile_cache.mapped_regions()
+    for rows in range(1, 9):
+        program(np.ones((rows, 3), np.float32), 2, jnp.ones((rows, 3), np.float32))
+    grown = compile_cache.mapped_regions() - before
+    assert grown > 8, "each executable maps regions of its own"
+    assert not compile_cache.relieve_mappings(limit=10**9)  # below the limit: nothing dropped
+    assert compile_cache.relieve_mappings(limit=0)
+    assert compile_cache.mapped_regions() - before < grown / 2
+    out = program(np.ones((2, 3), np.float32), 2, jnp.ones((2, 3), np.float32))["out"]
+    np.testing.assert_array_equal(np.asarray(out), np.full((2, 3), 12.0, np.float32))
