@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,12 +307,68 @@ def saved_dir() -> Path | None:
 # or text encoder) of the same model and shapes runs the first one's executables, with or
 # without the cache on disk. Keyed like the files on disk, minus what cannot change in a
 # process (versions, devices, flags, sources).
-_compiled: dict = {}
+#
+# Bounded, least recently used first out: one run needs at most a dozen programs of each
+# kind, so this holds several runs' worth. (An executable dropped here is freed once JAX's
+# own caches let go of it too: see relieve_mappings.)
+KEPT_PROGRAMS = 48
+_compiled: OrderedDict = OrderedDict()
 
 
 def forget_programs():
     """Drops the programs compiled in this process (as a new process would start)."""
-    _compiled.clear()
+    with _lock:
+        _compiled.clear()
+
+
+# Every executable a process holds keeps its machine code mapped: XLA:CPU maps a few pages per
+# kernel, hundreds of regions per sampler program, and JAX's own caches keep every program a
+# process ever compiled. Linux refuses a process more than vm.max_map_count regions (65530 by
+# default), and XLA's next compile then aborts or segfaults. A process that runs many shapes
+# (a notebook, a server, a test worker) gets there; so past half that, runs start by dropping
+# the compiled programs (they come back from the compilation cache, or compile again).
+MAPPINGS_HIGH = 32_768
+
+
+def mapped_regions() -> int | None:
+    """Memory regions this process maps (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def relieve_mappings(limit: int | None = None) -> bool:
+    """Drops every compiled program of the process (ours and JAX's caches) when it maps more
+    than `limit` regions (default MAPPINGS_HIGH); returns whether it did."""
+    import gc
+
+    import jax
+
+    regions = mapped_regions()
+    if regions is None or regions <= (MAPPINGS_HIGH if limit is None else limit):
+        return False
+    forget_programs()
+    jax.clear_caches()
+    gc.collect()
+    return True
+
+
+def _kept(shared):
+    with _lock:
+        executable = _compiled.get(shared)
+        if executable is not None:
+            _compiled.move_to_end(shared)
+        return executable
+
+
+def _keep(shared, executable):
+    with _lock:
+        _compiled[shared] = executable
+        _compiled.move_to_end(shared)
+        while len(_compiled) > KEPT_PROGRAMS:
+            _compiled.popitem(last=False)
 
 
 class SavedProgram:
@@ -323,6 +380,8 @@ class SavedProgram:
     (a graphdef, a scale): two functions with equal name and identity must trace alike.
     `programs` counts the distinct programs this object has run (compiled here, loaded, or
     compiled earlier by another SavedProgram of the process); `compiled` those it compiled.
+    The object keeps only the keys of its programs: the executables live in the process's
+    bounded table (above), so dropping programs there frees them.
     """
 
     def __init__(self, fn, name: str, identity=None, static_argnums=(), donate_argnums=()):
@@ -332,12 +391,12 @@ class SavedProgram:
         self.identity = identity
         self.static = tuple(static_argnums)
         self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
-        self._mine: dict = {}  # key -> executable: this object's programs (the fast path)
+        self._seen: set = set()  # keys of the programs this object has run
         self.compiled = 0
 
     @property
     def programs(self) -> int:
-        return len(self._mine) + self.jitted._cache_size()
+        return len(self._seen) + self.jitted._cache_size()
 
     def __call__(self, *args):
         import jax
@@ -348,14 +407,12 @@ class SavedProgram:
         statics = tuple(args[i] for i in self.static)
         leaves, tree = jax.tree.flatten(dynamic)
         key = (statics, tree, tuple(_leaf_signature(x) for x in leaves), _traced_settings())
-        executable = self._mine.get(key)
+        shared = (self.name, self.identity, key)
+        executable = _kept(shared)
         if executable is None:
-            shared = (self.name, self.identity, key)
-            executable = _compiled.get(shared)
-            if executable is None:
-                executable = self._load_or_compile(saved_dir(), key, args)
-                _compiled[shared] = executable
-            self._mine[key] = executable
+            executable = self._load_or_compile(saved_dir(), key, args)
+            _keep(shared, executable)
+        self._seen.add(key)
         return executable(*dynamic)
 
     def _file(self, folder: Path, key) -> Path:

@@ -68,6 +68,17 @@ import pytest  # noqa: E402
 _REPORT: list[dict] = []
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _bounded_mappings():
+    """A test worker compiles hundreds of programs, and every one stays mapped in JAX's
+    caches: past compile_cache.MAPPINGS_HIGH regions they are dropped between modules, before
+    the process reaches Linux's limit (XLA's next compile would then crash)."""
+    yield
+    from magi_jax import compile_cache
+
+    compile_cache.relieve_mappings()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

@@ -163,3 +163,50 @@ def test_run_once_programs_compile_with_the_options_this_xla_knows(monkeypatch):
     out = compile_cache.compile_run_once(lowered)(np.ones(3, np.float32))
     np.testing.assert_array_equal(np.asarray(out), np.full(3, 2.0))
     assert tried == [{**wanted, "xla_no_such_option": 1}, wanted]
+
+
+def test_the_process_keeps_a_bounded_number_of_programs(monkeypatch):
+    """Every executable held keeps its machine code mapped; a process that ran many shapes
+    would reach the kernel's limit on memory mappings and crash in XLA's next compile. So the
+    process keeps the KEPT_PROGRAMS most recently used, and an evicted one is freed (and
+    compiled again if it comes back)."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(compile_cache, "KEPT_PROGRAMS", 2)
+    compile_cache.forget_programs()
+    traces = []
+    program = _program(traces, 7.0)
+    held = []
+    for rows in (1, 2, 3):  # three shapes: the first is evicted by the third
+        x = np.ones((rows, 3), np.float32)
+        program(x, 2, jnp.ones((rows, 3), np.float32))
+        held.append(weakref.ref(compile_cache._compiled[next(reversed(compile_cache._compiled))]))
+    gc.collect()
+    assert held[0]() is None, "the least recently used program is freed"
+    assert held[1]() is not None and held[2]() is not None
+    assert program.compiled == 3 and program.programs == 3
+    program(np.ones((3, 3), np.float32), 2, jnp.ones((3, 3), np.float32))  # still kept: no compile
+    assert program.compiled == 3
+    program(np.ones((1, 3), np.float32), 2, jnp.ones((1, 3), np.float32))  # evicted: compiled again
+    assert program.compiled == 4 and len(compile_cache._compiled) == 2
+    compile_cache.forget_programs()
+
+
+@pytest.mark.skipif(compile_cache.mapped_regions() is None, reason="needs /proc/self/maps (Linux)")
+def test_relieving_mappings_unmaps_the_programs_of_the_process():
+    """Compiled programs stay mapped (JAX caches them too) until the process drops them:
+    relieve_mappings does, past its limit, and the programs still run afterwards."""
+    compile_cache.forget_programs()
+    jax.clear_caches()
+    program = _program([], 11.0)
+    before = compile_cache.mapped_regions()
+    for rows in range(1, 9):
+        program(np.ones((rows, 3), np.float32), 2, jnp.ones((rows, 3), np.float32))
+    grown = compile_cache.mapped_regions() - before
+    assert grown > 8, "each executable maps regions of its own"
+    assert not compile_cache.relieve_mappings(limit=10**9)  # below the limit: nothing dropped
+    assert compile_cache.relieve_mappings(limit=0)
+    assert compile_cache.mapped_regions() - before < grown / 2
+    out = program(np.ones((2, 3), np.float32), 2, jnp.ones((2, 3), np.float32))["out"]
+    np.testing.assert_array_equal(np.asarray(out), np.full((2, 3), 12.0, np.float32))
