@@ -325,8 +325,9 @@ def forget_programs():
 # kernel, hundreds of regions per sampler program, and JAX's own caches keep every program a
 # process ever compiled. Linux refuses a process more than vm.max_map_count regions (65530 by
 # default), and XLA's next compile then aborts or segfaults. A process that runs many shapes
-# (a notebook, a server, a test worker) gets there; so past half that, runs start by dropping
-# the compiled programs (they come back from the compilation cache, or compile again).
+# (a notebook, a server, a test worker) gets there; so past half that, a run's start and each
+# new SavedProgram drop the compiled programs (they come back from the compilation cache, or
+# compile again).
 MAPPINGS_HIGH = 32_768
 
 
@@ -410,6 +411,7 @@ class SavedProgram:
         shared = (self.name, self.identity, key)
         executable = _kept(shared)
         if executable is None:
+            relieve_mappings()  # a new program: first make room if the process maps too much
             executable = self._load_or_compile(saved_dir(), key, args)
             _keep(shared, executable)
         self._seen.add(key)

@@ -68,11 +68,12 @@ import pytest  # noqa: E402
 _REPORT: list[dict] = []
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def _bounded_mappings():
     """A test worker compiles hundreds of programs, and every one stays mapped in JAX's
-    caches: past compile_cache.MAPPINGS_HIGH regions they are dropped between modules, before
-    the process reaches Linux's limit (XLA's next compile would then crash)."""
+    caches: past compile_cache.MAPPINGS_HIGH regions they are dropped after a test (and
+    before a SavedProgram compiles), before the process reaches Linux's limit (XLA's next
+    compile would then crash)."""
     yield
     from magi_jax import compile_cache
 
