@@ -40,6 +40,9 @@ TOPOLOGIES: dict[str, tuple[str, int]] = {
     "v5p-64": ("v5p:4x4x2", 95 * GiB),  # 32 chips on 8 hosts
 }
 
+# A program fits when XLA's per-device bytes are within this share of the chip's HBM (the
+# runtime keeps some for itself; memory_plan.check_fits uses the same margin).
+HEADROOM = 0.9
 HBM_BY_KIND = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB, "TPU v6 lite": 32 * GiB}
 
 # The released sizes the issue names: 4.5B at 720x720, 24B at 720x1280, 96 frames.
@@ -402,7 +405,7 @@ def check(
                 t,
                 p.plan_bytes,
                 hbm,
-                total <= hbm,
+                total <= HEADROOM * hbm,
                 flops(compiled),
                 seconds,
             )
