@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +50,9 @@ HBM_BY_KIND = {"TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5": 95 * GiB, 
 RELEASED_SIZE = {"4.5B": (720, 720), "24B": (720, 1280)}
 RELEASED_FRAMES = 96
 PROGRAMS = ("window", "prefix", "vae_decode", "t5_encode")
+# `largest_window`: only the window program with the most chunks (the step that decides
+# whether a run fits): a quick check of a big config
+CHOICES = (*PROGRAMS, "largest_window")
 
 
 class AotError(ValueError):
@@ -97,6 +101,8 @@ def topology(name: str):
     except ImportError as e:  # pragma: no cover - jax always has it
         raise AotError(f"this jax has no jax.experimental.topologies ({e})") from None
     topo, hbm = TOPOLOGIES.get(name, (name, None))
+    # compiling only (no chip is opened): several processes may load the TPU compiler at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topo)
     except Exception as e:
@@ -180,6 +186,7 @@ class Program:
     args: tuple
     plan_bytes: int | None = None
     on_mesh: bool = True  # traced under the mesh (the DiT's programs); False: one device
+    chunks: int = 0  # chunks a window program runs (the near-clean copy and clean chunk included)
 
 
 def window_label(win) -> str:
@@ -264,7 +271,9 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
                 seen.add(signature)
                 name = window_label(group.window)
                 jitted = jax.jit(advance, static_argnums=0, donate_argnums=2)
-                out.append(Program(name, jitted, (static, params, state, run, group), step_plan))
+                win = group.window
+                chunks = win.chunks + int(win.near_clean_copy) + int(win.extra_clean_chunk)
+                out.append(Program(name, jitted, (static, params, state, run, group), step_plan, chunks=chunks))
     return out
 
 
@@ -348,15 +357,16 @@ def check(
     impl: str | None = None,
     size: tuple[int, int] | None = None,
     frames: int | None = None,
-    out=sys.stdout,
+    out=None,
     label: str | None = None,
 ) -> list[Record]:
     """Compiles `programs` of a config (a variant name at its released size, or a MagiConfig
-    named `label`) for a slice and mesh; prints and returns one record each."""
+    named `label`) for a slice and mesh; prints (to `out`, default stdout) and returns one record each."""
+    out = out or sys.stdout
 
-    unknown = set(programs) - set(PROGRAMS)
+    unknown = set(programs) - set(CHOICES)
     if unknown:
-        raise AotError(f"unknown program(s) {', '.join(sorted(unknown))}; choose from {', '.join(PROGRAMS)}")
+        raise AotError(f"unknown program(s) {', '.join(sorted(unknown))}; choose from {', '.join(CHOICES)}")
     mesh, hbm = slice_mesh(slice_name, mesh_text)
     devices = list(mesh.devices.flat)
     mesh_label = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "one device"
@@ -378,13 +388,13 @@ def check(
         flush=True,
     )
     todo: list[Program] = []
-    if "window" in programs or "prefix" in programs:
-        todo += [
-            p
-            for p in sampler_programs(config, mesh, impl, prefix_frames=None if "prefix" in programs else 0)
-            if (p.name.startswith("prefix") and "prefix" in programs)
-            or (p.name.startswith("window") and "window" in programs)
-        ]
+    if {"window", "largest_window", "prefix"} & set(programs):
+        made = sampler_programs(config, mesh, impl, prefix_frames=None if "prefix" in programs else 0)
+        windows = [p for p in made if p.name.startswith("window")]
+        if "largest_window" in programs and "window" not in programs:
+            windows = [max(windows, key=lambda p: p.chunks)]
+        todo += [p for p in made if p.name.startswith("prefix") and "prefix" in programs]
+        todo += windows if {"window", "largest_window"} & set(programs) else []
     if "vae_decode" in programs:
         todo.append(vae_program(config, devices[0]))
     if "t5_encode" in programs:
@@ -431,7 +441,11 @@ def main(argv=None) -> int:
         help=f"a slice ({', '.join(TOPOLOGIES)}), a topology like v5e:2x4, or host (this machine); repeatable",
     )
     ap.add_argument("--mesh", help="mesh axes, e.g. model=2,seq=4 (default: every device on seq)")
-    ap.add_argument("--programs", default=",".join(PROGRAMS), help=f"comma-separated subset of {','.join(PROGRAMS)}")
+    ap.add_argument(
+        "--programs",
+        default=",".join(PROGRAMS),
+        help=f"comma-separated subset of {','.join(CHOICES)} (default: all but largest_window)",
+    )
     ap.add_argument("--attention", help="attention implementation to trace (default: pallas, as on a TPU)")
     ap.add_argument("--size", help="HxW in pixels (default: the released size, 4.5B 720x720, 24B 720x1280)")
     ap.add_argument("--num_frames", type=int, help=f"frames (default {RELEASED_FRAMES})")

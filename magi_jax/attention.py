@@ -286,7 +286,10 @@ def _pallas_tpu(qc, kt, vt, lengths):
     q = jnp.pad(q, ((0, 0), (0, 0), (0, -q.shape[2] % 128), (0, 0)))
     kv_ids = (jnp.arange(kk)[None, :] < lengths[:, None]).astype(jnp.int32)
     ids = SegmentIds(q=jnp.ones((r, q.shape[2]), jnp.int32), kv=kv_ids)
-    out = flash_attention(q, kt, vt, segment_ids=ids, sm_scale=1.0 / math.sqrt(d))
+    # 16-bit inputs multiply exactly in any precision; Mosaic refuses a float32 precision on
+    # them, which a process-wide setting (JAX_DEFAULT_MATMUL_PRECISION=highest) would ask for
+    with jax.default_matmul_precision("default"):
+        out = flash_attention(q, kt, vt, segment_ids=ids, sm_scale=1.0 / math.sqrt(d))
     return out[:, :, : rep * n].reshape(r, g, rep, n, d).transpose(0, 3, 1, 2, 4).reshape(r, n, h, d)
 
 

@@ -93,7 +93,7 @@ def test_pallas_attention_compiles_for_a_v5e_slice():
     """bfloat16 TINY on a v5e 2x4 slice, heads over `model`: the attention kernel is a Mosaic
     custom call, which compiles only inside shard_map (without it: "Mosaic kernels cannot be
     automatically partitioned")."""
-    cfg = _tiny(dtype="bfloat16", num_attention_heads=4, num_query_groups=2)
+    cfg = _tiny(params_dtype="bfloat16")  # 4 query heads, 2 kv heads: both split over model=2
     devices, hbm = aot.topology("v5e-8")
     assert len(devices) == 8 and hbm == 16 * aot.GiB
     records = aot.check(cfg, "v5e-8", "model=2,seq=4", programs=("window",), label="tiny-bf16")
