@@ -82,6 +82,7 @@ class Record:
             f"out {self.output_bytes / GiB:5.2f}, temp {self.temp_bytes / GiB:6.2f})  plan {plan}  "
             f"HBM {self.hbm_bytes / GiB:5.1f}  {'fits' if self.fits else 'DOES NOT FIT'}  "
             f"{self.flops / 1e12:9.2f} TFLOP  {self.seconds:5.1f} s"
+            + ("  (refused by the compiler: temporaries alone)" if self.argument_bytes == 0 else "")
         )
 
 
@@ -224,6 +225,7 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
     )
 
     m = config.model
+    platform = next(iter(mesh.devices.flat)).platform
     abstract = abstract_dit(config)
     graphdef, _ = nnx.split(abstract)
     params, static = _placed(abstract, mesh), Static(graphdef, config)
@@ -257,7 +259,6 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
                 )
             )
             continue
-        step_plan = plan_memory(config, dict(mesh.shape), pf, impl).total  # the plan is of the largest step
         seen = set()
         for stage in plan(config, lay):
             run = StageInputs(
@@ -273,7 +274,8 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
                 jitted = jax.jit(advance, static_argnums=0, donate_argnums=2)
                 win = group.window
                 chunks = win.chunks + int(win.near_clean_copy) + int(win.extra_clean_chunk)
-                out.append(Program(name, jitted, (static, params, state, run, group), step_plan, chunks=chunks))
+                planned = plan_memory(config, dict(mesh.shape), pf, impl, only_window=win, backend=platform).total
+                out.append(Program(name, jitted, (static, params, state, run, group), planned, chunks=chunks))
     return out
 
 
@@ -341,6 +343,20 @@ def device_bytes(compiled) -> tuple[int, int, int, int]:
     return a + o + t - ma.alias_size_in_bytes, a, o, t
 
 
+def _refused_bytes(error) -> int | None:
+    """The bytes a program needs when the compiler refused it for running out of HBM
+    ("... HLO temporaries (26.92G) exceeds available HBM (15.75G)"); None for other errors."""
+    import re
+
+    text = str(error)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    found = re.search(r"\(([0-9.]+)([KMGT])\) exceeds", text)
+    if not found:
+        return None
+    return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+
+
 def flops(compiled) -> float:
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
@@ -401,24 +417,20 @@ def check(
         todo.append(t5_program(config, devices[0]))
     records = []
     for p in todo:
-        compiled, seconds = compile_program(p, mesh, impl)
-        total, a, o, t = device_bytes(compiled)
+        try:
+            compiled, seconds = compile_program(p, mesh, impl)
+        except Exception as e:  # the TPU compiler refuses a program that cannot fit the chip
+            needed = _refused_bytes(e)
+            if needed is None:
+                raise
+            compiled, seconds = None, float("nan")
+            total, a, o, t, work = needed, 0, 0, needed, float("nan")
+        else:
+            total, a, o, t = device_bytes(compiled)
+            work = flops(compiled)
+        fits = compiled is not None and total <= HEADROOM * hbm
         records.append(
-            Record(
-                config_name,
-                slice_name,
-                mesh_label,
-                p.name,
-                total,
-                a,
-                o,
-                t,
-                p.plan_bytes,
-                hbm,
-                total <= HEADROOM * hbm,
-                flops(compiled),
-                seconds,
-            )
+            Record(config_name, slice_name, mesh_label, p.name, total, a, o, t, p.plan_bytes, hbm, fits, work, seconds)
         )
         print(records[-1].line(), file=out, flush=True)
         del compiled
