@@ -31,6 +31,7 @@ def host_records():
     return {mesh: aot.check(cfg, "host", mesh, label="tiny") for mesh in ("model=2,seq=4", "data=8")}
 
 
+@pytest.mark.slow
 def test_every_program_of_a_run_compiles(host_records):
     cfg = _tiny()
     windows = {aot.window_label(g.window) for stage in plan(cfg, layout(cfg)) for g in stage.groups}
@@ -42,6 +43,7 @@ def test_every_program_of_a_run_compiles(host_records):
         assert r.fits and r.mesh == "model=2,seq=4" and r.topology == "host"
 
 
+@pytest.mark.slow
 def test_sharding_lowers_per_device_bytes(host_records):
     """The DiT's parameters (over `model`) and the KV cache (over `seq`) really shard: each
     window program's arguments on one device shrink against the all-replicated mesh."""
