@@ -238,7 +238,7 @@ def _fused(qc, kc, vc, lengths, kind: str):
     """qc (R, N, H, D); kc, vc (R, K, G, D) each chunk's keys first (cudnn, dpa) or
     (R, G, K, D) (pallas); lengths (R,). -> (R, N, H, D)."""
     if kind == "pallas":
-        out = _pallas_tpu(qc, kc, vc, lengths)
+        out = _on_shards(_pallas_tpu, qc, kc, vc, lengths)
     else:
         out = jax.nn.dot_product_attention(
             qc,
@@ -248,6 +248,30 @@ def _fused(qc, kc, vc, lengths, kind: str):
             implementation="cudnn" if kind == "cudnn" else "xla",
         )
     return jnp.where(lengths[:, None, None, None] > 0, out, 0).astype(qc.dtype)  # no key: zeros
+
+
+def _on_shards(kernel, qc, kt, vt, lengths):
+    """Runs a Pallas kernel on each device's shard under a mesh (XLA cannot partition a
+    Mosaic custom call itself): query and key/value heads over `model`, query tokens over
+    `seq`, where those axes divide them; each device reads its heads' whole key rows (a chunk's
+    visible span). Without a mesh: the kernel as is."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(qc, kt, vt, lengths)
+    from jax.sharding import PartitionSpec as P
+
+    def axis(name, size):
+        n = mesh.shape.get(name, 1)
+        return name if n > 1 and size % n == 0 else None
+
+    r, n, h, _ = qc.shape
+    g = kt.shape[1]
+    heads = axis("model", g) if axis("model", h) else None  # both head counts, or neither
+    q_spec = P(None, axis("seq", n), heads, None)
+    kv_spec = P(None, heads, None, None)
+    return jax.shard_map(
+        kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P()), out_specs=q_spec, check_vma=False
+    )(qc, kt, vt, lengths)
 
 
 def _pallas_tpu(qc, kt, vt, lengths):
@@ -262,7 +286,10 @@ def _pallas_tpu(qc, kt, vt, lengths):
     q = jnp.pad(q, ((0, 0), (0, 0), (0, -q.shape[2] % 128), (0, 0)))
     kv_ids = (jnp.arange(kk)[None, :] < lengths[:, None]).astype(jnp.int32)
     ids = SegmentIds(q=jnp.ones((r, q.shape[2]), jnp.int32), kv=kv_ids)
-    out = flash_attention(q, kt, vt, segment_ids=ids, sm_scale=1.0 / math.sqrt(d))
+    # 16-bit inputs multiply exactly in any precision; Mosaic refuses a float32 precision on
+    # them, which a process-wide setting (JAX_DEFAULT_MATMUL_PRECISION=highest) would ask for
+    with jax.default_matmul_precision("default"):
+        out = flash_attention(q, kt, vt, segment_ids=ids, sm_scale=1.0 / math.sqrt(d))
     return out[:, :, : rep * n].reshape(r, g, rep, n, d).transpose(0, 3, 1, 2, 4).reshape(r, n, h, d)
 
 

@@ -101,10 +101,17 @@ def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
 
 
 def plan_memory(
-    config: MagiConfig, mesh_sizes: dict | None = None, prefix_frames: int = 0, impl: str | None = None
+    config: MagiConfig,
+    mesh_sizes: dict | None = None,
+    prefix_frames: int = 0,
+    impl: str | None = None,
+    only_window=None,
+    backend: str | None = None,
 ) -> MemoryPlan:
     """The per-device plan for `config`'s video on a mesh ({axis: size}, default one device),
-    with the attention implementation `impl` (default: the one this backend runs)."""
+    with the attention implementation `impl` (default: the one this backend runs): the
+    largest step's, or with `only_window` (a ForwardCall Window) the steps of that window's.
+    `backend`: the platform the program compiles for (default: this process's)."""
     from magi_jax.dit_weights import abstract_dit
     from magi_jax.sampler import cache_rows, latent_slots, layout, plan
 
@@ -138,7 +145,7 @@ def plan_memory(
     # XLA:CPU computes 16-bit dots in float32: it converts the stacked layer kernels whole,
     # ahead of the layer loop, and keeps them for the step
     upcast = 0
-    if jax.default_backend() == "cpu":
+    if (backend or jax.default_backend()) == "cpu":
         for path, var in nnx.to_flat_state(nnx.state(abstract_dit(config))):
             v = var.get_value()
             if path[0] == "segments" and v.ndim == 3 and jnp.dtype(v.dtype).itemsize == 2:
@@ -148,6 +155,8 @@ def plan_memory(
     for stage in plan(config, lay):
         for group in stage.groups:
             call = group.window
+            if only_window is not None and call != only_window:
+                continue
             r = call.chunks + int(call.near_clean_copy)
             n = lay.chunk_tokens
             s = r * n // seq  # tokens of this device

@@ -170,3 +170,27 @@ def test_launch_tpu_names_the_missing_argument(args, missing):
     script = Path(__file__).resolve().parent.parent / "launch_tpu.sh"
     run = subprocess.run(["bash", str(script), *args], capture_output=True, text=True)
     assert run.returncode != 0 and f"missing {missing}" in run.stderr
+
+
+def test_launch_tpu_dry_run_prints_an_idempotent_deployment():
+    """--dry-run prints what would run: the code (without .git, .venv or outputs) replaces
+    ~/magi-jax whole on every worker, the environment lives outside it, and the same
+    generate command runs everywhere with jax.distributed on."""
+    script = Path(__file__).resolve().parent.parent / "launch_tpu.sh"
+    cmd = ["bash", str(script), "--dry-run", "magi-v5p", "us-east5-a", "24B_distill", "--prompt", "a red fox"]
+    runs = [subprocess.run([*cmd, "--output_path", "fox.mp4"], capture_output=True, text=True) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    lines = [line.strip() for line in runs[0].stdout.splitlines()]
+    assert [line.split()[0] for line in lines] == ["tar", "gcloud", "gcloud", "gcloud", "gcloud"]
+    tar, scp, unpack, env, generate = lines
+    for local in (".git", ".venv", r"\*.mp4", "outputs"):
+        assert f"--exclude={local}" in tar
+    assert "--recurse" not in scp and scp.endswith("magi-v5p:magi-jax.tgz")
+    assert (
+        "--worker=all" in unpack and r"rm\ -rf\ ~/magi-jax\ " in unpack and r"mv\ ~/magi-jax.new\ ~/magi-jax" in unpack
+    )
+    assert r"python3\ -m\ virtualenv" in env and "magi-jax-venv" in env  # no python3-venv needed
+    assert r"MAGI_DISTRIBUTED=1" in generate and r"--config_file\ 24B_distill" in generate
+    assert r"--prompt\ a\\\ red\\\ fox" in generate
+    again = [line.strip() for line in runs[1].stdout.splitlines()]
+    assert again[2:] == [unpack, env, generate]  # a second run does the same

@@ -1,0 +1,106 @@
+"""`python -m magi_jax.aot`: every program a generation runs compiles on a target's devices
+without running, with per-device bytes from XLA's memory analysis.
+
+Here the target is the session's 8 host devices ('host'); where the TPU compiler is installed
+(`pip install "jax[tpu]"`) the same programs also compile for an abstract v5e slice, with the
+Pallas kernel inside shard_map (XLA cannot partition a Mosaic call itself)."""
+
+import importlib.util
+import json
+
+import jax
+import pytest
+
+from magi_jax import aot
+from magi_jax.config import load_config
+from magi_jax.sampler import layout, plan
+
+SMALL = dict(num_frames=16, num_steps=4, window_size=2, video_size_h=32, video_size_w=32)
+
+
+def _tiny(**model):
+    cfg = load_config("tiny").replace(runtime=SMALL)
+    return cfg.replace(model=model) if model else cfg
+
+
+@pytest.fixture(scope="module")
+def host_records():
+    """TINY's programs on the 8 host devices, on a mesh that shards and on one that does not."""
+    assert jax.device_count() == 8
+    cfg = _tiny()
+    return {mesh: aot.check(cfg, "host", mesh, label="tiny") for mesh in ("model=2,seq=4", "data=8")}
+
+
+@pytest.mark.slow
+def test_every_program_of_a_run_compiles(host_records):
+    cfg = _tiny()
+    windows = {aot.window_label(g.window) for stage in plan(cfg, layout(cfg)) for g in stage.groups}
+    names = [r.program for r in host_records["model=2,seq=4"]]
+    assert windows <= set(names) and len(names) == len(set(names))  # every window shape, each once
+    assert [n.split()[0] for n in names if not n.startswith("window")] == ["prefix", "vae_decode", "t5_encode"]
+    for r in host_records["model=2,seq=4"]:
+        assert r.device_bytes > 0 and r.argument_bytes > 0 and r.flops > 0, r
+        assert r.fits and r.mesh == "model=2,seq=4" and r.topology == "host"
+
+
+@pytest.mark.slow
+def test_sharding_lowers_per_device_bytes(host_records):
+    """The DiT's parameters (over `model`) and the KV cache (over `seq`) really shard: each
+    window program's arguments on one device shrink against the all-replicated mesh."""
+    by_name = {r.program: r for r in host_records["data=8"]}
+    for r in host_records["model=2,seq=4"]:
+        if r.program.startswith(("window", "prefix")):
+            assert r.argument_bytes < 0.7 * by_name[r.program].argument_bytes, r.program
+
+
+def test_command_writes_one_record_per_program(tmp_path, capsys):
+    out = tmp_path / "aot.json"
+    code = aot.main(
+        ["--config", "tiny", "--topology", "host", "--mesh", "seq=8", "--programs", "vae_decode,t5_encode"]
+        + ["--size", "32x32", "--num_frames", "16", "--json", str(out)]
+    )
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert [r["program"].split()[0] for r in records] == ["vae_decode", "t5_encode"]
+    for r in records:
+        for field in (
+            "config",
+            "topology",
+            "mesh",
+            "program",
+            "device_bytes",
+            "plan_bytes",
+            "hbm_bytes",
+            "fits",
+            "flops",
+        ):
+            assert field in r
+        assert r["config"] == "tiny" and r["mesh"] == "seq=8"
+    printed = capsys.readouterr().out
+    assert "vae_decode" in printed and "t5_encode" in printed and "GiB" in printed
+
+
+def test_bad_requests_are_one_clear_error(capsys):
+    assert aot.main(["--config", "tiny", "--topology", "v9z:1x1"]) == 2
+    err = capsys.readouterr().err
+    assert "v9z:1x1" in err and "jax[tpu]" in err
+    with pytest.raises(aot.AotError, match="unknown program"):
+        aot.check(_tiny(), "host", programs=("window", "decoder"))
+    with pytest.raises(SystemExit):
+        aot.main(["--config", "7B_base"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='the TPU compiler (pip install "jax[tpu]")')
+def test_pallas_attention_compiles_for_a_v5e_slice():
+    """bfloat16 TINY on a v5e 2x4 slice, heads over `model`: the attention kernel is a Mosaic
+    custom call, which compiles only inside shard_map (without it: "Mosaic kernels cannot be
+    automatically partitioned")."""
+    cfg = _tiny(params_dtype="bfloat16")  # 4 query heads, 2 kv heads: both split over model=2
+    devices, hbm = aot.topology("v5e-8")
+    assert len(devices) == 8 and hbm == 16 * aot.GiB
+    records = aot.check(cfg, "v5e-8", "model=2,seq=4", programs=("window",), label="tiny-bf16")
+    assert records and all(r.fits for r in records)
+    mesh, _ = aot.slice_mesh("v5e-8", "model=2,seq=4")
+    p = aot.sampler_programs(cfg, mesh, "pallas", prefix_frames=0)[0]
+    compiled, _ = aot.compile_program(p, mesh, "pallas")
+    assert "tpu_custom_call" in compiled.as_text()
