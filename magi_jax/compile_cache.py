@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 import time
-from collections import OrderedDict
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -307,12 +307,7 @@ def saved_dir() -> Path | None:
 # or text encoder) of the same model and shapes runs the first one's executables, with or
 # without the cache on disk. Keyed like the files on disk, minus what cannot change in a
 # process (versions, devices, flags, sources).
-#
-# Bounded, least recently used first out: one run needs at most a dozen programs of each
-# kind, so this holds several runs' worth. (An executable dropped here is freed once JAX's
-# own caches let go of it too: see relieve_mappings.)
-KEPT_PROGRAMS = 48
-_compiled: OrderedDict = OrderedDict()
+_compiled: dict = {}
 
 
 def forget_programs():
@@ -325,9 +320,9 @@ def forget_programs():
 # kernel, hundreds of regions per sampler program, and JAX's own caches keep every program a
 # process ever compiled. Linux refuses a process more than vm.max_map_count regions (65530 by
 # default), and XLA's next compile then aborts or segfaults. A process that runs many shapes
-# (a notebook, a server, a test worker) gets there; so past half that, a run's start and each
-# new SavedProgram drop the compiled programs (they come back from the compilation cache, or
-# compile again).
+# (a notebook, a server, a test worker) gets there; so past half that, a SavedProgram about to
+# compile a new program first drops the compiled ones (they come back from the compilation
+# cache, or compile again).
 MAPPINGS_HIGH = 32_768
 
 
@@ -356,22 +351,6 @@ def relieve_mappings(limit: int | None = None) -> bool:
     return True
 
 
-def _kept(shared):
-    with _lock:
-        executable = _compiled.get(shared)
-        if executable is not None:
-            _compiled.move_to_end(shared)
-        return executable
-
-
-def _keep(shared, executable):
-    with _lock:
-        _compiled[shared] = executable
-        _compiled.move_to_end(shared)
-        while len(_compiled) > KEPT_PROGRAMS:
-            _compiled.popitem(last=False)
-
-
 class SavedProgram:
     """`jax.jit(fn, static_argnums, donate_argnums)` whose executables are shared by every
     SavedProgram of the process with the same name and identity, and saved to disk and loaded
@@ -381,8 +360,8 @@ class SavedProgram:
     (a graphdef, a scale): two functions with equal name and identity must trace alike.
     `programs` counts the distinct programs this object has run (compiled here, loaded, or
     compiled earlier by another SavedProgram of the process); `compiled` those it compiled.
-    The object keeps only the keys of its programs: the executables live in the process's
-    bounded table (above), so dropping programs there frees them.
+    The object holds its executables weakly: the process's table (above) owns them, so
+    forget_programs / relieve_mappings free them.
     """
 
     def __init__(self, fn, name: str, identity=None, static_argnums=(), donate_argnums=()):
@@ -392,12 +371,12 @@ class SavedProgram:
         self.identity = identity
         self.static = tuple(static_argnums)
         self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
-        self._seen: set = set()  # keys of the programs this object has run
+        self._mine: dict = {}  # key -> weakref to the executable: this object's programs (the fast path)
         self.compiled = 0
 
     @property
     def programs(self) -> int:
-        return len(self._seen) + self.jitted._cache_size()
+        return len(self._mine) + self.jitted._cache_size()
 
     def __call__(self, *args):
         import jax
@@ -408,13 +387,18 @@ class SavedProgram:
         statics = tuple(args[i] for i in self.static)
         leaves, tree = jax.tree.flatten(dynamic)
         key = (statics, tree, tuple(_leaf_signature(x) for x in leaves), _traced_settings())
-        shared = (self.name, self.identity, key)
-        executable = _kept(shared)
+        ref = self._mine.get(key)
+        executable = None if ref is None else ref()
         if executable is None:
-            relieve_mappings()  # a new program: first make room if the process maps too much
-            executable = self._load_or_compile(saved_dir(), key, args)
-            _keep(shared, executable)
-        self._seen.add(key)
+            shared = (self.name, self.identity, key)
+            with _lock:
+                executable = _compiled.get(shared)
+            if executable is None:
+                relieve_mappings()  # a new program: first make room if the process maps too much
+                executable = self._load_or_compile(saved_dir(), key, args)
+                with _lock:
+                    _compiled[shared] = executable
+            self._mine[key] = weakref.ref(executable)
         return executable(*dynamic)
 
     def _file(self, folder: Path, key) -> Path:

@@ -155,7 +155,6 @@ def run(plan, options: RunOptions | None = None) -> dict:
     """Generates plan.output; returns the timing summary (see timing.py) and prints it."""
     options = options or RunOptions()
     start = time.perf_counter() if options.start is None else options.start
-    compile_cache.relieve_mappings()  # a long-lived process: programs of earlier runs may go
     cache_dir = compile_cache.enable(options.compilation_cache)
     with compile_cache.recording() as stats:
         timeline = Timeline(stats, start)

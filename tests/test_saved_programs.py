@@ -165,32 +165,26 @@ def test_run_once_programs_compile_with_the_options_this_xla_knows(monkeypatch):
     assert tried == [{**wanted, "xla_no_such_option": 1}, wanted]
 
 
-def test_the_process_keeps_a_bounded_number_of_programs(monkeypatch):
-    """Every executable held keeps its machine code mapped; a process that ran many shapes
-    would reach the kernel's limit on memory mappings and crash in XLA's next compile. So the
-    process keeps the KEPT_PROGRAMS most recently used, and an evicted one is freed (and
-    compiled again if it comes back)."""
+def test_a_saved_program_holds_its_executables_only_through_the_process():
+    """Every executable held keeps its machine code mapped; so a SavedProgram holds its
+    programs weakly and the process's table owns them: forgetting the programs frees them
+    (a live SavedProgram does not keep them), and the next call compiles again."""
     import gc
     import weakref
 
-    monkeypatch.setattr(compile_cache, "KEPT_PROGRAMS", 2)
     compile_cache.forget_programs()
-    traces = []
-    program = _program(traces, 7.0)
-    held = []
-    for rows in (1, 2, 3):  # three shapes: the first is evicted by the third
-        x = np.ones((rows, 3), np.float32)
-        program(x, 2, jnp.ones((rows, 3), np.float32))
-        held.append(weakref.ref(compile_cache._compiled[next(reversed(compile_cache._compiled))]))
+    program = _program([], 7.0)
+    x, y = np.ones((2, 3), np.float32), jnp.ones((2, 3), np.float32)
+    program(x, 2, y)
+    held = weakref.ref(next(iter(compile_cache._compiled.values())))
+    program(x, 2, jnp.ones((2, 3), np.float32))  # the fast path: nothing new
+    assert program.compiled == 1 and program.programs == 1
+    compile_cache.forget_programs()
     gc.collect()
-    assert held[0]() is None, "the least recently used program is freed"
-    assert held[1]() is not None and held[2]() is not None
-    assert program.compiled == 3 and program.programs == 3
-    program(np.ones((3, 3), np.float32), 2, jnp.ones((3, 3), np.float32))  # still kept: no compile
-    assert program.compiled == 3
-    program(np.ones((1, 3), np.float32), 2, jnp.ones((1, 3), np.float32))  # evicted: compiled again
-    assert program.compiled == 4 and len(compile_cache._compiled) == 2
-    compile_cache.forget_programs()
+    assert held() is None, "the SavedProgram kept its executable alive"
+    out = program(x, 2, jnp.ones((2, 3), np.float32))["out"]
+    assert program.compiled == 2 and program.programs == 1
+    np.testing.assert_array_equal(np.asarray(out), np.full((2, 3), 8.0, np.float32))
 
 
 @pytest.mark.skipif(compile_cache.mapped_regions() is None, reason="needs /proc/self/maps (Linux)")
