@@ -301,23 +301,25 @@ def vae_program(config, device) -> Program:
     )
 
 
-def t5_program(config, device, prompts: int = 2) -> Program:
-    """The T5 encode of `prompts` prompts at caption_max_length tokens, float32 as generate
-    loads it, on one device."""
+def t5_program(config, mesh, prompts: int = 2) -> Program:
+    """The T5 encode of `prompts` prompts at caption_max_length tokens, float32, its weights
+    split over all the mesh's devices as generate places them when `t5_device` is not `cpu`
+    (with `cpu` it runs on the host, not the slice)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import SingleDeviceSharding
 
     from magi_jax import t5
     from magi_jax.weights import abstract_model
 
     cfg = t5.XXL if config.model.caption_channels == t5.XXL.d_model else t5.TINY
     cfg = dataclasses.replace(cfg, d_model=config.model.caption_channels)
-    encoder = t5.TextEncoder(abstract_model(lambda: t5.T5Encoder(cfg, jnp.float32)), tokenizer=None)
-    where = SingleDeviceSharding(device)
-    state = jax.tree.map(lambda a: _sds(a.shape, a.dtype, where), encoder._state)
-    ids = _sds((prompts, config.model.caption_max_length), jnp.int32, where)
-    return Program(f"t5_encode {prompts} prompts", encoder._encode.jitted, (state, ids, ids), on_mesh=False)
+    abstract = abstract_model(lambda: t5.T5Encoder(cfg, jnp.float32))
+    encoder = t5.TextEncoder(abstract, tokenizer=None, placement=mesh)
+    everywhere = jax.sharding.NamedSharding(t5.encoder_mesh(mesh), jax.sharding.PartitionSpec())
+    ids = _sds((prompts, config.model.caption_max_length), jnp.int32, everywhere)
+    name = f"t5_encode {prompts} prompts over {mesh.devices.size} devices"
+    state = _placed(abstract, t5.encoder_mesh(mesh))
+    return Program(name, encoder._encode.jitted, (state, ids, ids), on_mesh=False)
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -414,7 +416,7 @@ def check(
     if "vae_decode" in programs:
         todo.append(vae_program(config, devices[0]))
     if "t5_encode" in programs:
-        todo.append(t5_program(config, devices[0]))
+        todo.append(t5_program(config, mesh))
     records = []
     for p in todo:
         try:

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magi_jax.sharding import constrain
+
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "dpa")
 _BY_BACKEND = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "pallas"}
 
@@ -91,6 +93,7 @@ def available_implementations() -> list[str]:
 Q_BLOCK = 512
 K_BLOCK = 512
 CAPTION_MULTIPLE = 16  # trimmed caption lengths are rounded up to this (fewer recompiles)
+KEY_AXES = (None, "kv_heads", "head_dim")  # a key buffer on a mesh: all rows on every device
 
 
 def used_caption_tokens(caption_mask, multiple: int = CAPTION_MULTIPLE) -> int:
@@ -305,6 +308,11 @@ def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: 
     global [start, end) per query chunk; span: static bound on a chunk's visible keys (None:
     K); a wider range is cut to its first `span` keys. Returns (S, H, D)."""
     k, v, base = keys
+    # on a mesh every device attends its own query tokens over all their visible keys: the key
+    # rows are gathered (heads stay split over `model`), so no softmax sum crosses devices -
+    # nothing to combine afterwards, and a run's numbers do not depend on how its devices
+    # are spread over hosts
+    k, v = constrain(k, KEY_AXES), constrain(v, KEY_AXES)
     r = kv_range.shape[0]
     rows = k.shape[0]
     span = rows if span is None else min(span, rows)

@@ -147,7 +147,7 @@ def restore(path: str | os.PathLike, expected: dict, model: str, shardings: dict
         raise CheckpointError(f"{path} holds a {meta.get('model')!r} checkpoint, expected {model!r}")
     target = {}
     for p, s in expected.items():
-        sharding = shardings[p] if shardings else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = shardings[p] if shardings else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target[p] = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path / PARAMS)

@@ -251,7 +251,7 @@ def _environment() -> tuple:
     return (
         jax.__version__,
         jaxlib,
-        jax.process_count(),
+        (jax.process_index(), jax.process_count()),  # each host's executable drives its own devices
         tuple((d.platform, d.device_kind, d.id) for d in devices),
         os.environ.get("XLA_FLAGS", ""),
         os.environ.get("LIBTPU_INIT_ARGS", ""),

@@ -318,10 +318,10 @@ def _main(argv=None) -> int:
     from magi_jax import compile_cache
 
     compile_cache.enable(args.compilation_cache)  # before anything compiles
-    maybe_initialize_distributed()  # on a pod: every host runs this same command
     from magi_jax.pipeline import run
 
     try:
+        maybe_initialize_distributed()  # on a pod: every host runs this same command
         plan = resolve(args)
         options = options_from_args(args, started)
     except (UsageError, ConfigError, MediaError, MeshError, MemoryPlanError, CheckpointError, TimelineError) as e:

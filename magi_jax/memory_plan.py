@@ -183,7 +183,7 @@ def plan_memory(
 
 def device_capacity(device=None) -> int | None:
     """Bytes the device can hold: the accelerator's limit, or the host's memory for CPU."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]  # on a pod only this host's devices answer
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])

@@ -40,7 +40,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def _log(msg: str):
-    print(msg, file=sys.stderr, flush=True)
+    if sharding.is_writer():  # on a pod every host runs the same command; one reports
+        print(msg, file=sys.stderr, flush=True)
 
 
 def _prefer_checkpoint(path: Path) -> Path:
@@ -73,10 +74,10 @@ def random_init(build):
     return nnx.merge(graphdef, jax.block_until_ready(program()))
 
 
-def text_encoder(config: MagiConfig, random_weights: bool):
-    """The T5 encoder: released weights from t5_pretrained, or a random tiny one."""
-    import jax
-
+def text_encoder(config: MagiConfig, random_weights: bool, mesh=None):
+    """The T5 encoder: released weights from t5_pretrained, or a random tiny one. Its weights
+    go from the host straight to where `t5_device` says: `cpu` (the host CPU), else the run's
+    mesh (split over all its devices) or the default device."""
     from magi_jax import t5
 
     if random_weights:
@@ -85,8 +86,8 @@ def text_encoder(config: MagiConfig, random_weights: bool):
         return t5.TextEncoder(model, t5.Tokenizer(ASSETS / "tiny_spiece.model"))
     if not config.runtime.t5_pretrained:
         raise FileNotFoundError("runtime_config.t5_pretrained is empty; pass --t5_ckpt (the folder with t5-v1_1-xxl)")
-    device = jax.devices("cpu")[0] if config.runtime.t5_device == "cpu" else None
-    return t5.load_text_encoder(_prefer_checkpoint(Path(config.runtime.t5_pretrained)), jnp.float32, device)
+    placement = jax.devices("cpu")[0] if config.runtime.t5_device == "cpu" else mesh
+    return t5.load_text_encoder(_prefer_checkpoint(Path(config.runtime.t5_pretrained)), jnp.float32, placement)
 
 
 def dit_model(config: MagiConfig, random_weights: bool, source: Path | None, mesh=None):
@@ -197,12 +198,12 @@ def load_parts(plan, timeline: Timeline) -> Parts:
     _log(f"[1/4] encoding {what} ({'random tiny T5' if plan.random_weights else cfg.runtime.t5_pretrained})")
     # each load waits for its arrays: dispatch is asynchronous, and the next phase must not
     # be charged for this one's work
+    mesh = None if plan.mesh is None else sharding.make_mesh(plan.mesh)
     with timeline.phase("load_t5"):
-        encoder = text_encoder(cfg, plan.random_weights)
+        encoder = text_encoder(cfg, plan.random_weights, mesh)
     with timeline.phase("text_encoding"), encoder as text:  # every prompt of the story, each once
         encoded = encode_story(lambda p: text.encode(p, m.caption_max_length), story)
 
-    mesh = None if plan.mesh is None else sharding.make_mesh(plan.mesh)
     _log("[2/4] loading the DiT and the VAE" + ("" if mesh is None else f", sharding over {dict(mesh.shape)}"))
     with timeline.phase("load_dit"):
         dit = dit_model(cfg, plan.random_weights, plan.dit_source, mesh)
@@ -281,6 +282,9 @@ def _generate(plan, options: RunOptions, timeline: Timeline, parts: Parts):
     writer_here = sharding.is_writer()
     output = VideoWriter(plan.output, cfg.runtime.fps) if writer_here else contextlib.nullcontext()
     with Progress(chunks, sampler_steps(cfg, lay), enabled=writer_here) as progress:
+        # a step bar dispatches steps one by one; on a pod every host must dispatch the same
+        # programs in the same order, so the reporting host's choice holds for all
+        one_by_one = sharding.agreed(progress.wants_steps)
         with output as writer:
             kept = _write_kept_video(plan, writer, timeline)
             sink = _pipeline(
@@ -294,7 +298,7 @@ def _generate(plan, options: RunOptions, timeline: Timeline, parts: Parts):
                     clock=timeline.clock,
                     start=timeline.start,
                 ),
-                on_dispatch=progress.dispatched if progress.wants_steps else None,
+                on_dispatch=progress.dispatched if one_by_one else None,  # a no-op where no bar is shown
             )
             close_start = timeline.clock()
         timeline.seconds["writing"] += timeline.clock() - close_start  # ffmpeg's flush and the rename

@@ -765,7 +765,20 @@ class Sampler:
         start = max(chunk * cw, lay.prefix_frames)
         if chunk == 0 and lay.prefix_frames == 1:
             start = 0
-        x = state.x
-        if not x.is_fully_addressable:  # multi-host: the latents are replicated, read this host's copy
-            x = x.addressable_data(0)
-        return x[None, :, start - base * cw : (chunk + 1 - base) * cw]  # dispatched before the next stage donates x
+        # dispatched before the next stage donates x
+        return _handed_out(state.x, start - base * cw, (chunk + 1 - base) * cw)
+
+
+def _handed_out(x: jax.Array, start: int, stop: int) -> jax.Array:
+    """Latent frames [start, stop) of x, as (1, C, T, H, W) this process can read whole.
+
+    The latents are sharded over the mesh; on a pod a host holds only its shards. The frames
+    are copied to every device first (a collective every host runs, as all run the sampler),
+    and a host reads its own replica. One process with a mesh does the same, so that the
+    decoder sees the same single-device array either way.
+    """
+    if not isinstance(x.sharding, jax.sharding.NamedSharding):
+        return x[None, :, start:stop]
+    replicated = jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
+    frames = jax.jit(lambda v: v[None, :, start:stop], out_shardings=replicated)(x)
+    return frames.addressable_data(0)

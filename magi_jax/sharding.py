@@ -152,20 +152,45 @@ def constrain(x, logical: tuple, rules=RULES):
 # ----------------------------------------------------------------------------- multi-host
 
 DISTRIBUTED_ENV = "MAGI_DISTRIBUTED"
+PROCESS_ENV = ("MAGI_NUM_PROCESSES", "MAGI_PROCESS_ID")  # where JAX cannot find them itself (CPU, GPU)
 
 
 def maybe_initialize_distributed() -> bool:
     """Joins the other hosts of a pod (`jax.distributed.initialize`) when launched as one.
 
     On by `MAGI_DISTRIBUTED=1` (launch_tpu.sh sets it), or on a multi-host TPU slice
-    (TPU_WORKER_HOSTNAMES lists more than one host). Returns whether it initialised.
+    (TPU_WORKER_HOSTNAMES lists more than one host). A TPU slice tells JAX where the other
+    hosts are; elsewhere, give JAX_COORDINATOR_ADDRESS (host:port of process 0) and
+    MAGI_NUM_PROCESSES / MAGI_PROCESS_ID. Returns whether it initialised.
     """
     hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
     wanted = os.environ.get(DISTRIBUTED_ENV, "").lower() in {"1", "true", "yes"} or len(hosts) > 1
-    if wanted and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        return True
-    return False
+    if not wanted or jax.distributed.is_initialized():
+        return False
+    given = {}
+    for name, key in zip(PROCESS_ENV, ("num_processes", "process_id")):
+        text = os.environ.get(name)
+        if text is not None:
+            if not text.strip().isdigit():
+                raise MeshError(f"{name}={text!r} is not a whole number")
+            given[key] = int(text)
+    try:
+        jax.distributed.initialize(**given)
+    except ValueError as e:  # nothing told JAX who the processes are
+        raise MeshError(
+            f"{DISTRIBUTED_ENV}=1 but this machine does not say where the other processes are ({e}); set "
+            f"JAX_COORDINATOR_ADDRESS=host:port of process 0, {PROCESS_ENV[0]} and {PROCESS_ENV[1]} in every process"
+        ) from None
+    return True
+
+
+def agreed(flag: bool) -> bool:
+    """Process 0's `flag`, on every process: for choices that change which programs run."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(bool(flag))))
 
 
 def is_writer() -> bool:

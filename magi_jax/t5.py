@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from magi_jax import sharding
 from magi_jax.compile_cache import SavedProgram
 from magi_jax.layers import param, scan_layers, stack_layers
 from magi_jax.text_clean import clean_caption
@@ -231,21 +232,23 @@ class TextEncoder:
     Each prompt is cleaned, tokenized to `max_length` (the DiT's caption_max_length) and
     encoded; results are cached per (prompt, max_length) so a prompt is encoded once per
     run. `close()` drops the weights (the XXL encoder is ~9.5 GB in bfloat16), e.g. before
-    the DiT starts; parameters can live on the host CPU (`device`) while the DiT uses the
-    accelerator, as upstream's `t5_device: cpu`.
+    the DiT starts. `placement` (see `t5_shardings`): a Device holding all of it (the host
+    CPU while the DiT uses the accelerator: upstream's `t5_device: cpu`), a Mesh over whose
+    devices the heads and MLP are split, or None (the default device).
     """
 
-    def __init__(self, model: T5Encoder, tokenizer: Tokenizer, device=None):
+    def __init__(self, model: T5Encoder, tokenizer: Tokenizer, placement=None):
         self.tokenizer = tokenizer
-        self.device = device
-        graphdef, state = nnx.split(model)
-        if device is not None:
-            state = jax.device_put(state, device)
+        self.placement = placement
+        graphdef, state = nnx.split(model)  # its weights already placed (build_t5)
         self._graphdef, self._state = graphdef, state
+        everywhere = _replicated(placement)
 
         def run(s, ids, m):
             with jax.named_scope("t5_encoder"):  # one block in a profile
-                return nnx.merge(graphdef, s)(ids, m)
+                out = nnx.merge(graphdef, s)(ids, m)
+            # on a mesh: every device (every host of a pod) gets the whole embeddings
+            return out if everywhere is None else jax.lax.with_sharding_constraint(out, everywhere)
 
         self._encode = SavedProgram(run, "t5_encode", identity=graphdef)  # kept with the compilation cache
         self.cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -261,9 +264,11 @@ class TextEncoder:
             if self._state is None:
                 raise RuntimeError("this TextEncoder was closed; load it again to encode new prompts")
             ids, mask = self.tokenizer([clean_caption(p) for p in missing], max_length)
-            if self.device is not None:
-                ids, mask = jax.device_put(ids, self.device), jax.device_put(mask, self.device)
-            embs = np.asarray(self._encode(self._state, ids, mask)).astype(np.float32)
+            if self.placement is not None:
+                where = _replicated(self.placement) or self.placement
+                ids, mask = jax.device_put(ids, where), jax.device_put(mask, where)
+            embs = self._encode(self._state, ids, mask)
+            embs = np.asarray(embs if embs.is_fully_addressable else embs.addressable_data(0)).astype(np.float32)
             self.calls += 1
             for i, p in enumerate(missing):
                 self.cache[(p, max_length)] = (embs[i], np.asarray(mask[i]))
@@ -336,8 +341,34 @@ def convert_t5(src, cfg: T5Config, dtype=jnp.float32, progress=None) -> dict:
     return convert_torch(src, t5_rules(cfg), abstract_t5(cfg, dtype), ignore=ignored_t5_key, progress=progress)
 
 
-def build_t5(cfg: T5Config, arrays: dict, dtype=jnp.float32) -> T5Encoder:
-    return build_model(abstract_t5(cfg, dtype), arrays)
+def t5_shardings(module_or_state, placement) -> dict:
+    """{param path: Sharding} for the encoder's weights on `placement`: a Device (all there) or
+    a Mesh, whose devices all split the heads and the MLP width (the encoder runs once per
+    prompt: sharded for memory, not speed; XXL's 19 GB in float32 fit no 16 GB chip whole)."""
+    state = module_or_state if isinstance(module_or_state, nnx.State) else nnx.state(module_or_state)
+    if isinstance(placement, jax.sharding.Mesh):
+        return sharding.shardings(state, encoder_mesh(placement))
+    one = jax.sharding.SingleDeviceSharding(placement)
+    return {p: one for p, _ in nnx.to_flat_state(state)}
+
+
+def encoder_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+    """The mesh's devices, all on the `model` axis."""
+    return sharding.make_mesh({"model": mesh.devices.size}, list(mesh.devices.flat))
+
+
+def _replicated(placement):
+    """A whole copy on every device of a mesh placement; None for a device or the default."""
+    if not isinstance(placement, jax.sharding.Mesh):
+        return None
+    return jax.sharding.NamedSharding(encoder_mesh(placement), jax.sharding.PartitionSpec())
+
+
+def build_t5(cfg: T5Config, arrays: dict, dtype=jnp.float32, placement=None) -> T5Encoder:
+    """The encoder with `arrays` ({path: host array}) as weights, each put straight into its
+    place (`t5_shardings`); no device holds a whole copy on the way."""
+    abstract = abstract_t5(cfg, dtype)
+    return build_model(abstract, arrays, None if placement is None else t5_shardings(abstract, placement))
 
 
 def weights_source(folder: Path) -> Path:
@@ -350,10 +381,10 @@ def weights_source(folder: Path) -> Path:
     raise FileNotFoundError(f"{folder}: no T5 weights (model.safetensors, a sharded index or pytorch_model*.bin)")
 
 
-def load_text_encoder(path, dtype=jnp.float32, device=None) -> TextEncoder:
+def load_text_encoder(path, dtype=jnp.float32, placement=None) -> TextEncoder:
     """MAGI-1's text encoder from upstream's t5_pretrained folder (or the t5-v1_1-xxl folder in
-    it), or from a magi-jax checkpoint of it. `device`: where the weights live (e.g. the host
-    CPU while the DiT uses an accelerator); MAGI-1 runs the encoder in float32."""
+    it), or from a magi-jax checkpoint of it; MAGI-1 runs the encoder in float32. The weights
+    are read on the host and go straight to `placement` (see TextEncoder)."""
     from magi_jax import checkpoint
 
     path = Path(path)
@@ -362,14 +393,17 @@ def load_text_encoder(path, dtype=jnp.float32, device=None) -> TextEncoder:
         cfg = T5Config(**meta["config"])
         stored = jnp.dtype(meta.get("dtype", "float32"))
         expected = expected_leaves(abstract_t5(cfg, stored))
-        shardings = None
-        if device is not None:
-            shardings = {p: jax.sharding.SingleDeviceSharding(device) for p in expected}
-        arrays = {p: a.astype(dtype) for p, a in checkpoint.restore(path, expected, "t5", shardings).items()}
         tokenizer = Tokenizer(path / "spiece.model")
+        if stored == jnp.dtype(dtype):  # read straight into place
+            where = None if placement is None else t5_shardings(abstract_t5(cfg, stored), placement)
+            arrays = checkpoint.restore(path, expected, "t5", where)
+            return TextEncoder(build_model(abstract_t5(cfg, dtype), arrays), tokenizer, placement)
+        host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])  # converted there, then placed
+        arrays = checkpoint.restore(path, expected, "t5", dict.fromkeys(expected, host))
+        arrays = {p: np.asarray(a).astype(dtype) for p, a in arrays.items()}
     else:
         folder = hf_folder(path)
         cfg = load_config_json(folder)
         arrays = convert_t5(weights_source(folder), cfg, dtype)
         tokenizer = Tokenizer(folder / "spiece.model")
-    return TextEncoder(build_t5(cfg, arrays, dtype), tokenizer, device)
+    return TextEncoder(build_t5(cfg, arrays, dtype, placement), tokenizer, placement)

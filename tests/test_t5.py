@@ -135,6 +135,31 @@ def test_text_encoder_end_to_end_with_cache(fx):
     np.testing.assert_array_equal(again[0], embs[0])
 
 
+@pytest.mark.parametrize("placement", ["mesh", "host"])
+@pytest.mark.parametrize("fx", parity.fixtures("t5_encode"), ids=lambda fx: fx.id)
+def test_weights_go_straight_to_where_the_encoder_runs(fx, placement):
+    """t5_device: the weights go from the file to where the encoder runs - split over all the
+    run's devices (heads and MLP width), or whole on the host CPU - and encode as upstream."""
+    from magi_jax import sharding
+    from magi_jax.t5 import encoder_mesh, t5_shardings
+
+    where = sharding.make_mesh({"seq": 2}, jax.devices()[:2]) if placement == "mesh" else jax.devices("cpu")[0]
+    enc = load_text_encoder(fx.folder, DTYPES[fx.meta["config"]["weights_dtype"]], where)
+    want = t5_shardings(enc._state, where)
+    flat = nnx.to_flat_state(enc._state)
+    for path, var in flat:
+        assert var.get_value().sharding.is_equivalent_to(want[path], var.get_value().ndim), path
+    if placement == "mesh":
+        assert encoder_mesh(where).shape["model"] == 2
+        split = [p for p, v in flat if not v.get_value().sharding.is_fully_replicated]
+        assert split, "some weight is split over the devices"
+    a, cases = _arrays(fx), _cases_json(fx)
+    embs, mask = enc.encode([c["prompt"] for c in cases], fx.meta["config"]["max_length"])
+    np.testing.assert_array_equal(mask, a["attention_mask"])
+    limit = fx.meta["tolerance"]["last_hidden_state"]["max_abs"]
+    parity.check_max_abs(embs, a["last_hidden_state"], limit, f"{fx.id} encode() on {placement}")
+
+
 # --------------------------------------------------------------------------- weights
 
 
