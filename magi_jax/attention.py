@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magi_jax.layers import precision
 from magi_jax.sharding import constrain
 
 IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "dpa")
@@ -168,14 +169,17 @@ def _flash(qt, kt, vt, lo, hi, tiles: _Tiles):
         pos = at + jnp.arange(kb, dtype=jnp.int32)
         visible = (pos >= first) & (pos < hi)
         vv = jnp.where(visible[None, :, None], vv, jnp.zeros_like(vv))  # masked rows: 0 * NaN would be NaN
-        s = jnp.einsum("gmd,gkd->gmk", qt, kk_, preferred_element_type=jnp.float32) * scale
+        s = jnp.einsum("gmd,gkd->gmk", qt, kk_, preferred_element_type=jnp.float32, precision=precision(qt.dtype))
+        s = s * scale
         s = jnp.where(visible[None, None, :], s, -jnp.inf)
         m_new = jnp.maximum(mx, jnp.max(s, axis=-1, keepdims=True))
         safe = _finite(m_new)
         p = jnp.exp(s - safe)
         rescale = jnp.exp(mx - safe)
         total = total * rescale + jnp.sum(p, axis=-1, keepdims=True)
-        pv = jnp.einsum("gmk,gkd->gmd", p.astype(vt.dtype), vv, preferred_element_type=jnp.float32)
+        pv = jnp.einsum(
+            "gmk,gkd->gmd", p.astype(vt.dtype), vv, preferred_element_type=jnp.float32, precision=precision(vt.dtype)
+        )
         return m_new, total, acc * rescale + pv
 
     needed = (jnp.maximum(hi - lo, 0) + kb - 1) // kb

@@ -108,7 +108,7 @@ class RuntimeConfig:
     fps: int = 24
     chunk_width: int = 6
     t5_pretrained: str | None = None
-    t5_device: str = "cpu"
+    t5_device: str = "cpu"  # "cpu": the encoder on the host CPU; else on the accelerators (the mesh, split)
     vae_pretrained: str | None = None
     scale_factor: float = 0.18215
     temporal_downsample_factor: int = 4
@@ -140,7 +140,7 @@ class EngineConfig:
     distill_nearly_clean_chunk_threshold: float = 0.3
     shortcut_mode: str = "8,16,16"
     distill: bool = False
-    kv_offload: bool = False
+    kv_offload: bool = False  # read, no effect: the KV cache is a ring of the window's rows on the devices
     enable_cuda_graph: bool = False
 
 

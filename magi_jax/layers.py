@@ -34,10 +34,17 @@ def param(rngs: nnx.Rngs | None, shape, dtype, axes, init="normal", scale=0.02) 
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
+def precision(dtype):
+    """A matmul's precision for operands of `dtype`. float32 operands multiply in full float32,
+    as upstream computes them: TPUs (and GPUs with TF32) otherwise run float32 matmuls as
+    bfloat16 passes. 16-bit operands are exact at the default (fp8 values too, as bf16)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def matmul(x, w, out_dtype, compute_dtype=None):
     """x @ w with float32 accumulation, inputs cast to `compute_dtype` (default: x's dtype)."""
     cd = compute_dtype or x.dtype
-    y = jnp.matmul(x.astype(cd), w.astype(cd), preferred_element_type=jnp.float32)
+    y = jnp.matmul(x.astype(cd), w.astype(cd), preferred_element_type=jnp.float32, precision=precision(cd))
     return y.astype(out_dtype)
 
 
@@ -62,7 +69,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         cd = self.compute_dtype or x.dtype
-        y = jnp.matmul(x.astype(cd), self.kernel[...].astype(cd), preferred_element_type=jnp.float32)
+        y = matmul(x, self.kernel[...], jnp.float32, cd)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(cd)
@@ -75,8 +82,9 @@ class Fp8Linear(nnx.Module):
     divisor is `input_scale` (per-tensor layers, a vector) or `smooth_scale` (per-channel
     layers). The product is scaled by input_scale[0] * weight_scale[0] only: upstream hands
     both to cuBLASLt as scalar pointers, so the rest of a vector input_scale is never applied.
-    The product is computed on the dequantised values in float32 (exact products of fp8
-    numbers), for backends without an fp8 matmul.
+    The product multiplies the fp8 values as bfloat16 (exact: fp8 e4m3 fits bf16's mantissa
+    and range) with float32 accumulation, so every backend runs it as a 16-bit matmul and
+    none needs an fp8 one; the products of two such values are exact in float32.
     """
 
     def __init__(self, fin: int, fout: int, *, smoothed: bool, axes=("embed", "mlp"), rngs: nnx.Rngs | None = None):
@@ -98,7 +106,7 @@ class Fp8Linear(nnx.Module):
 
     def __call__(self, x):
         xq = self.quantize_input(x)
-        acc = jnp.matmul(xq.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
+        acc = matmul(xq, self.kernel[...], jnp.float32, jnp.bfloat16)
         scale = self.input_scale[...][0] * self.weight_scale[...][0]
         return (acc * scale).astype(jnp.bfloat16)
 

@@ -32,7 +32,7 @@ from flax import nnx
 
 from magi_jax import sharding
 from magi_jax.compile_cache import SavedProgram
-from magi_jax.layers import param, scan_layers, stack_layers
+from magi_jax.layers import matmul, param, precision, scan_layers, stack_layers
 from magi_jax.text_clean import clean_caption
 from magi_jax.weights import abstract_model, build_model, convert_torch, expected_leaves
 
@@ -163,7 +163,7 @@ def gelu_tanh(x):
 
 
 def _dense(x, w):
-    return jnp.matmul(x, w.astype(x.dtype), preferred_element_type=f32).astype(x.dtype)
+    return matmul(x, w, x.dtype)
 
 
 class T5Layer(nnx.Module):
@@ -186,10 +186,11 @@ class T5Layer(nnx.Module):
         h = rms_norm(x, self.ln_attn[...], self.eps)
         split = lambda t: t.reshape(n, length, self.heads, self.d_kv)  # noqa: E731
         q, k, v = (split(_dense(h, w[...])) for w in (self.q, self.k, self.v))
-        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=f32).astype(x.dtype)
+        at = precision(x.dtype)
+        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=f32, precision=at).astype(x.dtype)
         scores = scores + bias.astype(x.dtype)
         probs = jax.nn.softmax(scores.astype(f32), axis=-1).astype(x.dtype)
-        ctx = jnp.einsum("nhqk,nkhd->nqhd", probs, v, preferred_element_type=f32).astype(x.dtype)
+        ctx = jnp.einsum("nhqk,nkhd->nqhd", probs, v, preferred_element_type=f32, precision=at).astype(x.dtype)
         x = x + _dense(ctx.reshape(n, length, -1), self.o[...])
         h = rms_norm(x, self.ln_ff[...], self.eps)
         gated = gelu_tanh(_dense(h, self.wi_0[...]).astype(f32)).astype(x.dtype) * _dense(h, self.wi_1[...])
