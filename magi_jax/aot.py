@@ -346,14 +346,15 @@ def device_bytes(compiled) -> tuple[int, int, int, int]:
 
 
 def _refused_bytes(error) -> int | None:
-    """The bytes a program needs when the compiler refused it for running out of HBM
-    ("... HLO temporaries (26.92G) exceeds available HBM (15.75G)"); None for other errors."""
+    """The bytes a program needs when the compiler refused it for running out of HBM; None
+    for other errors."""
     import re
 
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text:
         return None
-    found = re.search(r"\(([0-9.]+)([KMGT])\) exceeds", text)
+    # "... HLO temporaries (26.92G) exceeds ...", or "Total hbm usage >= 16.04G:"
+    found = re.search(r"\(([0-9.]+)([KMGT])\) exceeds", text) or re.search(r"hbm usage >= ([0-9.]+)([KMGT])", text)
     if not found:
         return None
     return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)

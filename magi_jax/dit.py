@@ -46,6 +46,7 @@ FREQ_DIM = 256  # sinusoidal timestep features
 MKL_EXP_ROUNDED_UP = (12, 106)  # see TimestepEmbedder.frequencies
 GATE_CAP = 1.0  # softcap of the AdaLN gates
 PROJ_TP = 8  # upstream's output projection expects its input in a tensor-parallel-8 layout
+TOKENS = (None, "tokens", "embed")  # token activations (rows, tokens, hidden): tokens over `seq`, even unevenly
 
 
 def output_projection_order(heads_x_dim: int) -> np.ndarray:
@@ -152,8 +153,11 @@ class DiTLayer(nnx.Module):
     def _gated_residual(self, out, residual, gate, norm, chunks):
         """residual + norm(out * gate), float32 inside, rounded like upstream's output."""
         s, d = out.shape
-        y = out.astype(f32).reshape(chunks, s // chunks, d) * gate.astype(f32)[:, None, :]
-        y = norm(y.reshape(s, d)) + residual.astype(f32)
+        # each token's chunk gate, without folding tokens into (chunks, tokens): the token
+        # axis stays one dimension, which `seq` splits (unevenly where it must)
+        per_token = jnp.repeat(gate.astype(f32), s // chunks, axis=0, total_repeat_length=s)
+        y = constrain(out.astype(f32) * per_token, ("tokens", "embed"), uneven=True)
+        y = norm(y) + residual.astype(f32)
         return y.astype(out.dtype).astype(self.params_dtype)
 
     def _row(self, x, row: RowInputs, ctx: PassInputs, window, shape: Window):
@@ -188,7 +192,7 @@ class DiTLayer(nnx.Module):
             x = self._gated_residual(self.proj(attn), x, gate_attn, self.attn_post_norm, r)
 
         with jax.named_scope("mlp"):
-            hidden = self.fc1(self.mlp_norm(x))
+            hidden = constrain(self.fc1(self.mlp_norm(x)), ("tokens", "mlp"), uneven=True)
             hidden = silu_and_mul(hidden) if self.glu else gelu(hidden)
             x = self._gated_residual(self.fc2(hidden), x, gate_mlp, self.mlp_post_norm, r)
         return x, k, v
@@ -228,7 +232,7 @@ class LayerStack(nnx.Module):
         def body(layer, carry, index):
             h, c = carry
             h, c = layer(h, ctx, call, c, index)
-            return (constrain(h, (None, "tokens", "embed")), c), None
+            return (constrain(h, TOKENS, uneven=True), c), None
 
         if self.remat:  # keep only each layer's input for the backward pass, not its activations
             body = jax.checkpoint(body, prevent_cse=False)
@@ -348,7 +352,7 @@ class DiT(nnx.Module):
             first_token=jnp.asarray(call.first_chunk, jnp.int32) * (s // r),
         )
         b = call.rows.count
-        h = constrain(jnp.broadcast_to(tokens[None], (b, *tokens.shape)), (None, "tokens", "embed"))
+        h = constrain(jnp.broadcast_to(tokens[None], (b, *tokens.shape)), TOKENS, uneven=True)
         for segment in self.segments:
             h, cache = segment(h, ctx, call, cache)
         with jax.named_scope("final_layer"):

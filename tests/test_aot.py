@@ -80,6 +80,28 @@ def test_command_writes_one_record_per_program(tmp_path, capsys):
     assert "vae_decode" in printed and "t5_encode" in printed and "GiB" in printed
 
 
+@pytest.mark.parametrize(
+    "message, gib",
+    [
+        (
+            "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space hbm. "
+            "HLO temporaries (26.92G) exceeds available HBM (15.75G)",
+            26.92,
+        ),
+        (
+            "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out of memory in "
+            "memory space hbm. Used 15.78G of 15.75G hbm. Exceeded hbm capacity by 37.61M.\n"
+            "Total hbm usage >= 16.04G:\n    reserved        258.00M",
+            16.04,
+        ),
+    ],
+)
+def test_a_refusal_for_memory_is_read_as_the_bytes_it_needs(message, gib):
+    """Both forms libtpu words it in: the run is recorded as does-not-fit with those bytes."""
+    assert aot._refused_bytes(RuntimeError(message)) == int(gib * aot.GiB)
+    assert aot._refused_bytes(RuntimeError("INVALID_ARGUMENT: something else")) is None
+
+
 def test_bad_requests_are_one_clear_error(capsys):
     assert aot.main(["--config", "tiny", "--topology", "v9z:1x1"]) == 2
     err = capsys.readouterr().err

@@ -99,6 +99,34 @@ def test_two_devices_equal_one_device(eight_devices):
 
 
 @pytest.mark.slow
+def test_tokens_the_mesh_does_not_divide_are_split_and_equal_one_device():
+    """80x80: 50 tokens a chunk, so no window's tokens divide `seq=8`. They are split unevenly
+    (XLA pads and masks the remainder) rather than run whole on every device, and the
+    latents equal the single-device run's."""
+    cfg = load_config("tiny").replace(
+        runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=80, video_size_w=80)
+    )
+    m = cfg.model
+    one = Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg)
+    lay = one.layout()
+    assert lay.chunk_tokens == 50
+    rng = np.random.default_rng(1)
+    cap = rng.standard_normal((2, lay.chunk_num, m.caption_max_length, m.caption_channels)).astype(np.float32)
+    mask = np.zeros((2, lay.chunk_num, m.caption_max_length), np.float32)
+    mask[:, :, :12] = 1
+    ref = [np.asarray(c) for c in one.chunks(cap, mask, seed=5)]
+    mesh = sharding.make_mesh(sharding.parse_mesh("seq=8", 8))
+    got = [np.asarray(c) for c in Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg, mesh=mesh).chunks(cap, mask, seed=5)]
+    scale = max(float(np.abs(b).max()) for b in ref)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, ref)) <= 1e-5 * scale
+    # the token activations of a layer really are split: a constraint of the tokens over `seq`
+    tokens = jax.ShapeDtypeStruct((1, 3 * lay.chunk_tokens, m.hidden_size), np.float32)
+    with jax.set_mesh(mesh):
+        text = jax.jit(lambda h: sharding.constrain(h, (None, "tokens", "embed"), uneven=True)).lower(tokens).as_text()
+    assert '[{}, {"seq"}, {}]' in text, "150 tokens over seq=8, not replicated"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [*MESHES, TWO_DEVICES])
 def test_params_and_cache_sharded_as_the_table_says(eight_devices, mesh):
     r = eight_devices["meshes"][mesh]
