@@ -252,7 +252,9 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
             k = lay.clean_chunks
             x = _sds((c, k * lay.chunk_width, h, w), jnp.bfloat16, rep)
             call = _on(prefix_call(config, lay), rep)
-            jitted = jax.jit(encode_prefix, static_argnums=0, donate_argnums=2)
+            # a fresh function each time: jit's trace cache is per function, and the attention
+            # implementation is read at trace time
+            jitted = jax.jit(lambda *a: encode_prefix(*a), static_argnums=0, donate_argnums=2)
             out.append(
                 Program(
                     f"prefix (V2V) {k} chunk{'s' * (k > 1)}", jitted, (static, params, state, x, captions(2, k), call)
@@ -271,7 +273,7 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
                     continue
                 seen.add(signature)
                 name = window_label(group.window)
-                jitted = jax.jit(advance, static_argnums=0, donate_argnums=2)
+                jitted = jax.jit(lambda *a: advance(*a), static_argnums=0, donate_argnums=2)  # fresh, as above
                 win = group.window
                 chunks = win.chunks + int(win.near_clean_copy) + int(win.extra_clean_chunk)
                 planned = plan_memory(config, dict(mesh.shape), pf, impl, only_window=win, backend=platform).total

@@ -206,40 +206,19 @@ def check_fits(plan: MemoryPlan, capacity: int | None = None, headroom: float = 
     )
 
 
-def compiled_step_memory(config: MagiConfig, prefix_frames: int = 0, impl: str | None = None) -> int:
-    """XLA's own account of the sampler's largest step: bytes of its arguments (parameters,
-    KV cache, inputs), temporaries and outputs, from compiling on abstract shapes (nothing
-    is allocated), with attention implementation `impl` (default: this backend's). The
-    reference `plan_memory` is checked against."""
-    from magi_jax.dit_weights import abstract_dit
-    from magi_jax.forward_call import Captions
-    from magi_jax.sampler import Program, SamplerState, StageInputs, advance, cache_rows, latent_slots, layout, plan
+def compiled_step_memory(config: MagiConfig, impl: str | None = None) -> int:
+    """XLA's own account of the sampler's largest step on this process's first device: bytes
+    of its arguments (parameters, KV cache, inputs), temporaries and outputs, from compiling
+    on abstract shapes (nothing is allocated), with attention implementation `impl` (default:
+    this backend's). The reference `plan_memory` is checked against; the step is built as
+    `python -m magi_jax.aot` builds it for a TPU slice."""
+    from magi_jax import aot
 
-    m = config.model
-    lay = layout(config, prefix_frames)
-    groups = [g for stage in plan(config, lay) for g in stage.groups]
-    big = max(groups, key=lambda g: g.window.chunks + g.window.near_clean_copy)
-    graphdef, params = nnx.split(abstract_dit(config))
-    sds = jax.ShapeDtypeStruct
-    rows = cache_rows(config, lay)
-    cache = KVCache(*(sds((m.num_layers, rows, m.num_query_groups, m.kv_channels), m.dtype) for _ in range(2)))
-    c, _, h, w = lay.latent_shape
-    slots = (c, latent_slots(config, lay) * lay.chunk_width, h, w)
-    state = SamplerState(sds(slots, jnp.float32), cache)
-    length, cc = m.caption_max_length, m.caption_channels
-
-    def captions(rows, chunks):
-        return Captions(sds((rows, chunks, length, cc), jnp.float32), sds((rows, chunks, length), jnp.float32))
-
-    run = StageInputs(captions(2, big.window.denoising), captions(1, 1), sds(slots, jnp.float32), sds((), jnp.int32))
-    group = jax.tree.map(lambda a: sds(np.shape(a), np.asarray(a).dtype), big)
-    # a fresh function: jit's trace cache is per function, and the implementation is read at trace time
-    step = jax.jit(lambda *a: advance(*a), static_argnums=0, donate_argnums=2)
-    abstract = jax.tree.map(lambda a: sds(a.shape, a.dtype), params)
-    with attention.using(impl):
-        compiled = step.lower(Program(graphdef, config), abstract, state, run, group).compile()
-    ma = compiled.memory_analysis()
-    return ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+    impl = impl or attention.implementation(config.model.dtype)
+    mesh = sharding.make_mesh({}, jax.local_devices()[:1])
+    largest = max(aot.sampler_programs(config, mesh, impl, prefix_frames=0), key=lambda p: p.chunks)
+    compiled, _ = aot.compile_program(largest, mesh, impl)
+    return aot.device_bytes(compiled)[0]
 
 
 # ----------------------------------------------------------------------------- training
