@@ -39,7 +39,8 @@ def child(chunks: int, size: int) -> dict:
 
     from magi_jax.config import load_config
     from magi_jax.dit import DiT
-    from magi_jax.sampler import Sampler, cache_rows
+    from magi_jax.sampler import Sampler
+    from magi_jax.sampler_plan import cache_rows
 
     base = load_config("tiny")
     cw, tdf = base.runtime.chunk_width, base.runtime.temporal_downsample_factor
@@ -82,9 +83,10 @@ def child(chunks: int, size: int) -> dict:
 def compile_only(chunks: int) -> dict:
     import jax.numpy as jnp
 
+    from magi_jax.aot import compiled_step_memory
     from magi_jax.config import load_config
-    from magi_jax.memory_plan import compiled_step_memory, plan_memory
-    from magi_jax.sampler import cache_rows, layout
+    from magi_jax.memory_plan import plan_memory
+    from magi_jax.sampler_plan import cache_rows, layout
 
     base = load_config("4.5B_base")
     rt = base.runtime

@@ -34,7 +34,8 @@ from magi_jax.dit import DiT  # noqa: E402
 from magi_jax.forward_call import Captions  # noqa: E402
 from magi_jax.guidance import jit_guided  # noqa: E402
 from magi_jax.kv_cache import KVCache  # noqa: E402
-from magi_jax.sampler import Sampler, plan  # noqa: E402
+from magi_jax.sampler import Sampler  # noqa: E402
+from magi_jax.sampler_plan import plan  # noqa: E402
 
 
 def main():

@@ -212,17 +212,8 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
     from magi_jax.kv_cache import KVCache
     from magi_jax.memory_plan import plan_memory
     from magi_jax.sampler import Program as Static
-    from magi_jax.sampler import (
-        SamplerState,
-        StageInputs,
-        advance,
-        cache_rows,
-        encode_prefix,
-        latent_slots,
-        layout,
-        plan,
-        prefix_call,
-    )
+    from magi_jax.sampler import SamplerState, StageInputs, advance, encode_prefix
+    from magi_jax.sampler_plan import cache_rows, latent_slots, layout, plan, prefix_call
 
     m = config.model
     platform = next(iter(mesh.devices.flat)).platform
@@ -287,7 +278,7 @@ def vae_program(config, device) -> Program:
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
 
-    from magi_jax.sampler import layout
+    from magi_jax.sampler_plan import layout
     from magi_jax.vae import RELEASED, TINY, Vae, VaeModel
     from magi_jax.vae_tiling import TileConfig
     from magi_jax.weights import abstract_model
@@ -345,6 +336,22 @@ def device_bytes(compiled) -> tuple[int, int, int, int]:
     ma = compiled.memory_analysis()
     a, o, t = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
     return a + o + t - ma.alias_size_in_bytes, a, o, t
+
+
+def compiled_step_memory(config, impl: str | None = None) -> int:
+    """XLA's own account of the sampler's largest step on this process's first device: bytes
+    of its arguments (parameters, KV cache, inputs), temporaries and outputs, from compiling
+    on abstract shapes (nothing is allocated), with attention implementation `impl` (default:
+    this backend's). The reference memory_plan.plan_memory is checked against."""
+    import jax
+
+    from magi_jax import attention, sharding
+
+    impl = impl or attention.implementation(config.model.dtype)
+    mesh = sharding.make_mesh({}, jax.local_devices()[:1])
+    largest = max(sampler_programs(config, mesh, impl, prefix_frames=0), key=lambda p: p.chunks)
+    compiled, _ = compile_program(largest, mesh, impl)
+    return device_bytes(compiled)[0]
 
 
 def _refused_bytes(error) -> int | None:

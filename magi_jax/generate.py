@@ -157,7 +157,7 @@ def _size(text: str) -> tuple[int, int]:
 def resolve(args: argparse.Namespace) -> Plan:
     """Checks every input; raises UsageError / ConfigError / MediaError with the fix."""
     from magi_jax import timeline
-    from magi_jax.sampler import layout
+    from magi_jax.sampler_plan import layout
     from magi_jax.video_io import ASPECT_POLICIES, check_output_path, read_image, read_video
 
     if args.mode not in MODES:

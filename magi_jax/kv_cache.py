@@ -6,7 +6,7 @@ k-norm and rope, as upstream stores them.
 
 It is a ring buffer: the token at global position p lives in row p mod N. MAGI-1's schedule
 bounds how far back any chunk attends (`noise2clean_kvrange`, `clean_chunk_kvrange`), so N
-only has to cover that span plus the rows one call writes (sampler.cache_rows), and a video
+only has to cover that span plus the rows one call writes (sampler_plan.cache_rows), and a video
 of any length runs in the same memory. Where each call reads and writes is planned on the
 host with the rest of the schedule (`plan_slots`, carried in the ForwardCall); positions
 stay global everywhere else (rotary embeddings, key ranges), so the ring is invisible

@@ -1,7 +1,7 @@
 """How much device memory a generation needs, per device, before anything is allocated.
 
 Three parts dominate: the DiT's parameters, the KV cache (every layer's keys and values for
-the ring of tokens the schedule can still read, sampler.cache_rows: the same for any video
+the ring of tokens the schedule can still read, sampler_plan.cache_rows: the same for any video
 length) and the working set of the largest window the sampler runs
 (the batched caption / null-caption pass: residual stream, q/k/v with the cache window,
 one attention score tile, the MLP's hidden layer, and the per-chunk captions). Sharding
@@ -113,7 +113,7 @@ def plan_memory(
     largest step's, or with `only_window` (a ForwardCall Window) the steps of that window's.
     `backend`: the platform the program compiles for (default: this process's)."""
     from magi_jax.dit_weights import abstract_dit
-    from magi_jax.sampler import cache_rows, latent_slots, layout, plan
+    from magi_jax.sampler_plan import cache_rows, latent_slots, layout, plan
 
     sizes = dict.fromkeys(sharding.MESH_AXES, 1) | (mesh_sizes or {})
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
@@ -204,21 +204,6 @@ def check_fits(plan: MemoryPlan, capacity: int | None = None, headroom: float = 
         f"this run needs about {plan.describe()}, but a device holds {gib(capacity)}; use more devices "
         f"(--mesh), a smaller --size or fewer --num_frames, or the fp8 / distilled variant"
     )
-
-
-def compiled_step_memory(config: MagiConfig, impl: str | None = None) -> int:
-    """XLA's own account of the sampler's largest step on this process's first device: bytes
-    of its arguments (parameters, KV cache, inputs), temporaries and outputs, from compiling
-    on abstract shapes (nothing is allocated), with attention implementation `impl` (default:
-    this backend's). The reference `plan_memory` is checked against; the step is built as
-    `python -m magi_jax.aot` builds it for a TPU slice."""
-    from magi_jax import aot
-
-    impl = impl or attention.implementation(config.model.dtype)
-    mesh = sharding.make_mesh({}, jax.local_devices()[:1])
-    largest = max(aot.sampler_programs(config, mesh, impl, prefix_frames=0), key=lambda p: p.chunks)
-    compiled, _ = aot.compile_program(largest, mesh, impl)
-    return aot.device_bytes(compiled)[0]
 
 
 # ----------------------------------------------------------------------------- training

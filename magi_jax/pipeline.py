@@ -333,6 +333,6 @@ class _Discard:
 
 def sampler_steps(config: MagiConfig, lay) -> int:
     """Steps (forwards over the window) the sampler runs for this layout: the step bar's total."""
-    from magi_jax.sampler import plan
+    from magi_jax.sampler_plan import plan
 
     return sum(int(g.count) for stage in plan(config, lay) for g in stage.groups)

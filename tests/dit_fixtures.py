@@ -12,7 +12,7 @@ from magi_jax.dit_weights import build_dit, convert_dit
 from magi_jax.forward_call import Captions, Window
 from magi_jax.guidance import ChunkGeometry, DispatchStep, plan_call
 from magi_jax.kv_cache import KVCache
-from magi_jax.sampler import kv_span
+from magi_jax.sampler_plan import kv_span
 from magi_jax.schedule import distill_dt
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from magi_jax import aot
 from magi_jax.config import load_config
-from magi_jax.sampler import layout, plan
+from magi_jax.sampler_plan import layout, plan
 
 SMALL = dict(num_frames=16, num_steps=4, window_size=2, video_size_h=32, video_size_w=32)
 

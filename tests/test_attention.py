@@ -211,7 +211,7 @@ def test_every_scheduled_range_fits_the_static_span(variant):
     # a range wider than its call's span would be cut: the span each planned call carries
     # (Window.kv_span) must bound every range the sampler and the prefix encoding give a chunk
     from magi_jax.config import load_config
-    from magi_jax.sampler import layout, plan, prefix_call
+    from magi_jax.sampler_plan import layout, plan, prefix_call
 
     cfg = load_config(variant).replace(runtime=dict(video_size_h=128, video_size_w=128, num_frames=96))
     lay = layout(cfg, prefix_frames=2 * cfg.runtime.chunk_width * 4)

@@ -8,7 +8,8 @@ from test_timeline import TABLE, fake_encoder
 from magi_jax.attention import CAPTION_MULTIPLE
 from magi_jax.config import load_config
 from magi_jax.dit import DiT
-from magi_jax.sampler import WHOLE_DRAW_MAX_CHUNKS, Sampler, _CaptionFeed, cache_rows, latent_slots, layout
+from magi_jax.sampler import WHOLE_DRAW_MAX_CHUNKS, Sampler, _CaptionFeed
+from magi_jax.sampler_plan import cache_rows, latent_slots, layout
 from magi_jax.timeline import ChunkCaptions
 
 # 96 frames = 24 latent frames = 12 chunks: past the TINY ring (4 chunks of reach + a window of 4);

@@ -4,9 +4,10 @@ and refusing runs that cannot fit."""
 
 import pytest
 
+from magi_jax.aot import compiled_step_memory
 from magi_jax.attention import available_implementations
 from magi_jax.config import load_config
-from magi_jax.memory_plan import MemoryPlanError, check_fits, compiled_step_memory, plan_memory
+from magi_jax.memory_plan import MemoryPlanError, check_fits, plan_memory
 
 MID = dict(num_layers=2, hidden_size=1024, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=4096)
 CONFIGS = {

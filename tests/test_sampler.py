@@ -6,7 +6,8 @@ from flax import nnx
 
 from magi_jax.config import ConfigError, load_config
 from magi_jax.dit import DiT
-from magi_jax.sampler import Sampler, layout, plan
+from magi_jax.sampler import Sampler
+from magi_jax.sampler_plan import layout, plan
 
 CFG = load_config("tiny").replace(runtime=dict(num_frames=24, video_size_h=32, video_size_w=32))
 

@@ -12,7 +12,8 @@ import parity
 import pytest
 from dit_fixtures import config_of, model_of
 
-from magi_jax.sampler import Sampler, cache_rows, latent_slots, layout, plan, prefix_call
+from magi_jax.sampler import Sampler
+from magi_jax.sampler_plan import cache_rows, latent_slots, layout, plan, prefix_call
 
 
 def _runs(fx):
@@ -97,7 +98,7 @@ def test_run_plan_matches_recorded_calls(fx, run):
     """Every model call upstream made in the run, in order: window, times, key ranges, flags."""
     from dit_fixtures import kwarg_interval
 
-    from magi_jax.sampler import plan, prefix_kv_ranges
+    from magi_jax.sampler_plan import plan, prefix_kv_ranges
     from magi_jax.schedule import distill_dt
 
     cfg = run_config(fx, run)

@@ -57,7 +57,7 @@ def test_run_captions(fx, run):
     """The sampler's (caption, null) rows per chunk for a whole upstream run."""
     from test_sampler_parity import run_arrays, run_config
 
-    from magi_jax.sampler import layout
+    from magi_jax.sampler_plan import layout
 
     cfg = run_config(fx, run)
     a = run_arrays(fx, run)

@@ -55,7 +55,7 @@ def clips(config: MagiConfig, latents: list, caption_seeds: list) -> Clip:
 
 def sampling_captions(config: MagiConfig, model, seed: int):
     """(2, chunks, L, Cc) caption / null-caption rows for Sampler.chunks, as generate builds them."""
-    from magi_jax.sampler import layout
+    from magi_jax.sampler_plan import layout
 
     m = config.model
     lay = layout(config)
