@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magi_jax import sharding
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +88,12 @@ def plan_slots(first_chunk: int, chunks: int, window_chunks: int, ring_chunks: i
     return CacheSlots(read.astype(np.int32), np.int32(first_read * tokens), write.astype(np.int32))
 
 
-def _block(buf, layer, row, size: int):
-    return jax.lax.dynamic_slice(buf, (layer, row, 0, 0), (1, size, *buf.shape[2:]))[0]
+def _layer(buf, layer):
+    return jax.lax.dynamic_index_in_dim(buf, layer, 0, keepdims=False)
+
+
+def _rows(rows, row, size: int):
+    return jax.lax.dynamic_slice_in_dim(rows, row, size, 0)
 
 
 def read_window(cache: KVCache, layer, end, slots: CacheSlots, size: int):
@@ -100,8 +106,12 @@ def read_window(cache: KVCache, layer, end, slots: CacheSlots, size: int):
     if size % blocks:
         raise ValueError(f"a cache window of {size} rows cannot be read in {blocks} equal blocks")
     block = size // blocks
-    k = jnp.concatenate([_block(cache.k, layer, slots.read[j], block) for j in range(blocks)])
-    v = jnp.concatenate([_block(cache.v, layer, slots.read[j], block) for j in range(blocks)])
+    # the layer first, its rows still split over `seq`: a row slice at a traced offset makes
+    # XLA gather its operand to every device, and from the whole stacked cache it gathered
+    # every layer at once, ahead of the layer loop (3.4 GB per device at 4.5B, 720x720)
+    k_rows, v_rows = (sharding.constrain(_layer(buf, layer), KVCache.AXES[1:]) for buf in (cache.k, cache.v))
+    k = jnp.concatenate([_rows(k_rows, slots.read[j], block) for j in range(blocks)])
+    v = jnp.concatenate([_rows(v_rows, slots.read[j], block) for j in range(blocks)])
     pos = slots.read_start + jnp.arange(size, dtype=jnp.int32)
     ok = pos < end
     # zero unwritten rows: masked scores would still multiply them, and 0 * NaN is NaN
