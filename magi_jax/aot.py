@@ -185,9 +185,14 @@ class Program:
     name: str
     jitted: object  # a jax.jit-ed function
     args: tuple
-    plan_bytes: int | None = None
     on_mesh: bool = True  # traced under the mesh (the DiT's programs); False: one device
-    chunks: int = 0  # chunks a window program runs (the near-clean copy and clean chunk included)
+    window: object = None  # a T2V window program's ForwardCall Window (the memory plan covers those)
+
+    @property
+    def chunks(self) -> int:
+        """Chunks a window program runs (the near-clean copy and clean chunk included); 0 otherwise."""
+        w = self.window
+        return 0 if w is None else w.chunks + int(w.near_clean_copy) + int(w.extra_clean_chunk)
 
 
 def window_label(win) -> str:
@@ -210,13 +215,11 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
     from magi_jax.dit_weights import abstract_dit
     from magi_jax.forward_call import Captions
     from magi_jax.kv_cache import KVCache
-    from magi_jax.memory_plan import plan_memory
     from magi_jax.sampler import Program as Static
     from magi_jax.sampler import SamplerState, StageInputs, advance, encode_prefix
     from magi_jax.sampler_plan import cache_rows, latent_slots, layout, plan, prefix_call
 
     m = config.model
-    platform = next(iter(mesh.devices.flat)).platform
     abstract = abstract_dit(config)
     graphdef, _ = nnx.split(abstract)
     params, static = _placed(abstract, mesh), Static(graphdef, config)
@@ -263,12 +266,9 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
                 if signature in seen:
                     continue
                 seen.add(signature)
-                name = window_label(group.window)
                 jitted = jax.jit(lambda *a: advance(*a), static_argnums=0, donate_argnums=2)  # fresh, as above
-                win = group.window
-                chunks = win.chunks + int(win.near_clean_copy) + int(win.extra_clean_chunk)
-                planned = plan_memory(config, dict(mesh.shape), pf, impl, only_window=win, backend=platform).total
-                out.append(Program(name, jitted, (static, params, state, run, group), planned, chunks=chunks))
+                args = (static, params, state, run, group)
+                out.append(Program(window_label(group.window), jitted, args, window=group.window))
     return out
 
 
@@ -428,7 +428,13 @@ def check(
     if "t5_encode" in programs:
         todo.append(t5_program(config, mesh))
     records = []
+    from magi_jax.memory_plan import plan_memory
+
+    platform = devices[0].platform
     for p in todo:
+        planned = None
+        if p.window is not None:  # the plan of a T2V run's steps of this window
+            planned = plan_memory(config, dict(mesh.shape), 0, impl, only_window=p.window, backend=platform).total
         try:
             compiled, seconds = compile_program(p, mesh, impl)
         except Exception as e:  # the TPU compiler refuses a program that cannot fit the chip
@@ -442,7 +448,7 @@ def check(
             work = flops(compiled)
         fits = compiled is not None and total <= HEADROOM * hbm
         records.append(
-            Record(config_name, slice_name, mesh_label, p.name, total, a, o, t, p.plan_bytes, hbm, fits, work, seconds)
+            Record(config_name, slice_name, mesh_label, p.name, total, a, o, t, planned, hbm, fits, work, seconds)
         )
         print(records[-1].line(), file=out, flush=True)
         del compiled

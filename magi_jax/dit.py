@@ -156,8 +156,7 @@ class DiTLayer(nnx.Module):
         # each token's chunk gate, without folding tokens into (chunks, tokens): the token
         # axis stays one dimension, which `seq` splits (unevenly where it must)
         per_token = jnp.repeat(gate.astype(f32), s // chunks, axis=0, total_repeat_length=s)
-        y = constrain(out.astype(f32) * per_token, ("tokens", "embed"), uneven=True)
-        y = norm(y) + residual.astype(f32)
+        y = norm(out.astype(f32) * per_token) + residual.astype(f32)
         return y.astype(out.dtype).astype(self.params_dtype)
 
     def _row(self, x, row: RowInputs, ctx: PassInputs, window, shape: Window):
@@ -192,7 +191,7 @@ class DiTLayer(nnx.Module):
             x = self._gated_residual(self.proj(attn), x, gate_attn, self.attn_post_norm, r)
 
         with jax.named_scope("mlp"):
-            hidden = constrain(self.fc1(self.mlp_norm(x)), ("tokens", "mlp"), uneven=True)
+            hidden = self.fc1(self.mlp_norm(x))
             hidden = silu_and_mul(hidden) if self.glu else gelu(hidden)
             x = self._gated_residual(self.fc2(hidden), x, gate_mlp, self.mlp_post_norm, r)
         return x, k, v

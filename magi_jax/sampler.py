@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -505,5 +506,10 @@ def _handed_out(x: jax.Array, start: int, stop: int) -> jax.Array:
     if not isinstance(x.sharding, jax.sharding.NamedSharding):
         return x[None, :, start:stop]
     replicated = jax.sharding.NamedSharding(x.sharding.mesh, jax.sharding.PartitionSpec())
-    frames = jax.jit(lambda v: v[None, :, start:stop], out_shardings=replicated)(x)
-    return frames.addressable_data(0)
+    return _frames_everywhere(x, start, stop, replicated).addressable_data(0)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _frames_everywhere(x, start: int, stop: int, replicated):
+    # one function: jit keeps a program per (range, mesh) rather than tracing anew per chunk
+    return jax.lax.with_sharding_constraint(x[None, :, start:stop], replicated)

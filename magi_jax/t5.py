@@ -393,12 +393,13 @@ def load_text_encoder(path, dtype=jnp.float32, placement=None) -> TextEncoder:
         meta = checkpoint.read_meta(path)
         cfg = T5Config(**meta["config"])
         stored = jnp.dtype(meta.get("dtype", "float32"))
-        expected = expected_leaves(abstract_t5(cfg, stored))
+        abstract = abstract_t5(cfg, stored)
+        expected = expected_leaves(abstract)
         tokenizer = Tokenizer(path / "spiece.model")
         if stored == jnp.dtype(dtype):  # read straight into place
-            where = None if placement is None else t5_shardings(abstract_t5(cfg, stored), placement)
+            where = None if placement is None else t5_shardings(abstract, placement)
             arrays = checkpoint.restore(path, expected, "t5", where)
-            return TextEncoder(build_model(abstract_t5(cfg, dtype), arrays), tokenizer, placement)
+            return TextEncoder(build_model(abstract, arrays), tokenizer, placement)
         host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])  # converted there, then placed
         arrays = checkpoint.restore(path, expected, "t5", dict.fromkeys(expected, host))
         arrays = {p: np.asarray(a).astype(dtype) for p, a in arrays.items()}
