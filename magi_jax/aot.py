@@ -322,12 +322,12 @@ def compile_program(p: Program, mesh, impl: str):
     """Traces and compiles `p` for the mesh's devices; (compiled, seconds)."""
     import jax
 
-    from magi_jax import attention
+    from magi_jax import attention, compile_cache
 
     t0 = time.perf_counter()
     where = jax.set_mesh(mesh) if p.on_mesh else contextlib.nullcontext()
     with attention.using(impl), where:
-        compiled = p.jitted.lower(*p.args).compile()
+        compiled = p.jitted.lower(*p.args).compile(compiler_options=compile_cache.program_options(p.args))
     return compiled, time.perf_counter() - t0
 
 

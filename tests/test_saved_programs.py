@@ -3,6 +3,8 @@ same name and identity; with the compilation cache on it is also kept on disk an
 process (here: the process's programs forgotten, `forget_programs`) loads it instead of tracing
 and compiling; anything that changes the program gives a new one."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,3 +206,57 @@ def test_relieving_mappings_unmaps_the_programs_of_the_process():
     assert compile_cache.mapped_regions() - before < grown / 2
     out = program(np.ones((2, 3), np.float32), 2, jnp.ones((2, 3), np.float32))["out"]
     np.testing.assert_array_equal(np.asarray(out), np.full((2, 3), 12.0, np.float32))
+
+
+def _stack_converts(text: str, args) -> list[str]:
+    """Conversions in a compiled CPU program (outside fused computations, so each writes a
+    buffer) to a float32 array shaped like one of the 16-bit weight stacks in `args` (layer
+    axis first): a whole stack, converted."""
+    leaves = [x for x in jax.tree.leaves(args) if hasattr(x, "dtype")]
+    stacks = {x.shape for x in leaves if x.dtype == jnp.bfloat16 and x.ndim == 3}
+    shapes = "|".join(re.escape("f32[" + ",".join(map(str, s)) + "]") for s in stacks)
+    fused = set(re.findall(r"fusion\(.*calls=(%[\w.\-]+)", text))
+    found, inside = [], None
+    for line in text.splitlines():
+        head = re.match(r"(?:ENTRY )?(%[\w.\-]+) .*\{$", line)
+        if head:
+            inside = head.group(1)
+        elif inside not in fused and re.search(rf"%[\w.\-]*convert[\w.\-]* = ({shapes})\{{", line):
+            found.append(line.strip()[:160])
+    return found
+
+
+def test_16bit_layer_weights_are_never_converted_as_a_whole_stack_on_cpu():
+    # XLA:CPU slices bfloat16 through float32, and hoisting that out of the layer loop
+    # would write a float32 copy of every layer's weights on every call (see program_options)
+    layers, d = 3, 64
+    x = jnp.ones((4, d), jnp.bfloat16)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((layers, d, d)) * 0.1, jnp.bfloat16)
+
+    def deep(x, w):
+        def body(h, wl):
+            return jnp.matmul(h, wl, preferred_element_type=jnp.float32).astype(jnp.bfloat16), None
+
+        return jax.lax.scan(body, x, w)[0]
+
+    assert compile_cache.program_options((x, w)) == compile_cache.CPU_16BIT_OPTIONS
+    assert compile_cache.program_options((x.astype(jnp.float32), w.astype(jnp.float32))) == {}
+    plain = jax.jit(deep).lower(x, w).compile().as_text()
+    assert _stack_converts(plain, w), "XLA no longer hoists the conversion: the options may go"
+
+    saved = SavedProgram(deep, "deep_bf16")
+    got = saved(x, w)
+    [executable] = [ref() for ref in saved._mine.values()]
+    assert _stack_converts(executable.as_text(), w) == []
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(jax.jit(deep)(x, w), np.float32))
+
+
+def test_the_window_program_of_a_bf16_model_converts_no_weight_stack_on_cpu():
+    from magi_jax import aot, sharding
+    from magi_jax.config import load_config
+
+    cfg = load_config("tiny").replace(runtime=dict(num_frames=16, num_steps=4), model=dict(params_dtype="bfloat16"))
+    mesh = sharding.make_mesh({"seq": 1}, jax.devices()[:1])
+    p = aot.sampler_programs(cfg, mesh, "xla", prefix_frames=0)[0]
+    compiled, _ = aot.compile_program(p, mesh, "xla")
+    assert _stack_converts(compiled.as_text(), p.args) == []
