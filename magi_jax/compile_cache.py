@@ -229,9 +229,7 @@ def program_options(args) -> dict:
     half = any(np.dtype(x.dtype) in (np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)) for x in leaves)
     if not half:
         return {}
-    platforms = {
-        d.platform for x in leaves if getattr(x, "sharding", None) is not None for d in x.sharding.device_set
-    }
+    platforms = {d.platform for x in leaves if getattr(x, "sharding", None) is not None for d in x.sharding.device_set}
     return dict(CPU_16BIT_OPTIONS) if platforms == {"cpu"} else {}
 
 
