@@ -108,9 +108,11 @@ def save(
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent} does not exist; create it first")
     with atomic_folder(out, out.with_name(f"{out.name}.tmp-{os.getpid()}")) as tmp:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS, nest(flat))
-            ckptr.wait_until_finished()
+        # stored raw: orbax's default zstd keeps each array as one chunk that a single thread
+        # decompresses on every start (4.5B-shaped DiT, 2 layers: read in 1.3 s compressed,
+        # 0.7 s raw, for 20% more disk); compressed checkpoints still read
+        with ocp.PyTreeCheckpointer(use_compression=False) as ckptr:
+            ckptr.save(tmp / PARAMS, nest(flat))  # synchronous: done when it returns
         summary = summarize(flat)
         meta = {"model": model, "config": config, "summary": summary}
         if dtype is not None:

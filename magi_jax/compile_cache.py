@@ -192,12 +192,12 @@ class recording:
 RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
-def compile_run_once(lowered):
-    """`lowered.compile()` with RUN_ONCE_OPTIONS (those this XLA knows: an option it does
-    not know is dropped, as the program is the same without it)."""
+def compile_with(lowered, options: dict):
+    """`lowered.compile(options)`, keeping only the options this XLA knows (one it does not
+    know is dropped: the program is the same without it)."""
     import jax
 
-    options = dict(RUN_ONCE_OPTIONS)
+    options = dict(options)
     while True:
         try:
             return lowered.compile(compiler_options=options)
@@ -206,6 +206,11 @@ def compile_run_once(lowered):
             if "No such compile option" not in str(e) or not unknown:
                 raise
             del options[unknown[0]]
+
+
+def compile_run_once(lowered):
+    """`lowered.compile()` with the RUN_ONCE_OPTIONS this XLA knows."""
+    return compile_with(lowered, RUN_ONCE_OPTIONS)
 
 
 # ----------------------------------------------------------------------------- 16-bit weights on CPU
@@ -383,17 +388,19 @@ class SavedProgram:
 
     `identity`: a value whose repr names everything `fn` closes over that changes its program
     (a graphdef, a scale): two functions with equal name and identity must trace alike.
+    `options`: compiler options (e.g. RUN_ONCE_OPTIONS), on top of `program_options`.
     `programs` counts the distinct programs this object has run (compiled here, loaded, or
     compiled earlier by another SavedProgram of the process); `compiled` those it compiled.
     The object holds its executables weakly: the process's table (above) owns them, so
     forget_programs / relieve_mappings free them.
     """
 
-    def __init__(self, fn, name: str, identity=None, static_argnums=(), donate_argnums=()):
+    def __init__(self, fn, name: str, identity=None, static_argnums=(), donate_argnums=(), options=None):
         import jax
 
         self.name = name
         self.identity = identity
+        self.options = dict(options or {})
         self.static = tuple(static_argnums)
         self.jitted = jax.jit(fn, static_argnums=static_argnums, donate_argnums=donate_argnums)
         self._mine: dict = {}  # key -> weakref to the executable: this object's programs (the fast path)
@@ -455,7 +462,7 @@ class SavedProgram:
             else:
                 _record_load(self.name, start, time.perf_counter())
                 return compiled
-        compiled = self.jitted.lower(*args).compile(compiler_options=program_options(args))
+        compiled = compile_with(self.jitted.lower(*args), {**self.options, **program_options(args)})
         self.compiled += 1
         if path is None:
             return compiled

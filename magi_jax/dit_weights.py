@@ -197,5 +197,5 @@ def load_dit(path, config: MagiConfig, mesh=None, progress=None) -> DiT:
             )
         arrays = checkpoint.restore(path, expected, "dit", shardings)
     else:
-        arrays = convert_dit(path, config, progress=progress)
-    return build_dit(config, arrays, shardings)
+        arrays = convert_torch(path, dit_rules(config), abstract, progress=progress)
+    return build_model(abstract, arrays, shardings)  # the structure traced once

@@ -60,18 +60,22 @@ def _prefer_checkpoint(path: Path) -> Path:
 RUN_ONCE_PARAMETERS = 2_000_000
 
 
-def random_init(build):
-    """`build()` (a module made with nnx.Rngs) as one jitted program: one compilation, stored
-    in the compilation cache, instead of one small program per parameter (eager init), which
-    made the random-weights run's start slow even with a warm cache (the values differ from
-    eager init by rounding: random weights are noise either way)."""
+def random_init(build, name: str, identity):
+    """`build()` (a module made with nnx.Rngs) as one jitted program: one compilation instead
+    of one small program per parameter (eager init), saved like the sampler's programs so a
+    warm start loads it without tracing (the values differ from eager init by rounding:
+    random weights are noise either way). `identity`: everything `build` depends on (its
+    config), as SavedProgram needs."""
     graphdef, shapes = nnx.split(nnx.eval_shape(build))
-    lowered = jax.jit(lambda: nnx.split(build())[1]).lower()
-    if sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) < RUN_ONCE_PARAMETERS:
-        program = compile_cache.compile_run_once(lowered)
-    else:
-        program = lowered.compile()
-    return nnx.merge(graphdef, jax.block_until_ready(program()))
+    small = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes)) < RUN_ONCE_PARAMETERS
+    program = compile_cache.SavedProgram(
+        lambda: jax.tree.leaves(nnx.split(build())[1]),  # plain leaves: any output tree saves
+        f"random_{name}",
+        identity=identity,
+        options=compile_cache.RUN_ONCE_OPTIONS if small else None,
+    )
+    leaves = jax.block_until_ready(program())
+    return nnx.merge(graphdef, jax.tree.unflatten(jax.tree.structure(shapes), leaves))
 
 
 def text_encoder(config: MagiConfig, random_weights: bool, mesh=None):
@@ -82,7 +86,7 @@ def text_encoder(config: MagiConfig, random_weights: bool, mesh=None):
 
     if random_weights:
         cfg = dataclasses.replace(t5.TINY, d_model=config.model.caption_channels)
-        model = random_init(lambda: t5.T5Encoder(cfg, jnp.float32, rngs=nnx.Rngs(0)))
+        model = random_init(lambda: t5.T5Encoder(cfg, jnp.float32, rngs=nnx.Rngs(0)), "t5", cfg)
         return t5.TextEncoder(model, t5.Tokenizer(ASSETS / "tiny_spiece.model"))
     if not config.runtime.t5_pretrained:
         raise FileNotFoundError("runtime_config.t5_pretrained is empty; pass --t5_ckpt (the folder with t5-v1_1-xxl)")
@@ -97,7 +101,11 @@ def dit_model(config: MagiConfig, random_weights: bool, source: Path | None, mes
 
     if random_weights:
         eng = config.engine
-        return random_init(lambda: DiT(config.model, fp8_quant=eng.fp8_quant, distill=eng.distill, rngs=nnx.Rngs(0)))
+        return random_init(
+            lambda: DiT(config.model, fp8_quant=eng.fp8_quant, distill=eng.distill, rngs=nnx.Rngs(0)),
+            "dit",
+            (config.model, eng.fp8_quant, eng.distill),
+        )
     return load_dit(_prefer_checkpoint(source), config, mesh)
 
 
@@ -109,7 +117,7 @@ def vae_model(config: MagiConfig, random_weights: bool):
     tiles = TileConfig.for_fps(config.runtime.fps)
     scale = config.runtime.scale_factor
     if random_weights:
-        return Vae(random_init(lambda: VaeModel(TINY, rngs=nnx.Rngs(0))), scale_factor=scale, tiles=tiles)
+        return Vae(random_init(lambda: VaeModel(TINY, rngs=nnx.Rngs(0)), "vae", TINY), scale_factor=scale, tiles=tiles)
     if not config.runtime.vae_pretrained:
         raise FileNotFoundError("runtime_config.vae_pretrained is empty; pass --vae_ckpt (the released vae folder)")
     return load_vae(_prefer_checkpoint(Path(config.runtime.vae_pretrained)), scale_factor=scale, tiles=tiles)

@@ -186,6 +186,29 @@ def test_cli_writes_checkpoint_that_loads_back_identical(plain, tmp_path):
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
+def test_checkpoints_are_stored_uncompressed_and_compressed_ones_still_read(plain, tmp_path):
+    # a start reads the weights every time: raw arrays, not one zstd chunk per array
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+
+    _, cfg, ref = plain
+    flat = {p: np.asarray(a) for p, a in ref.items()}
+    out = tmp_path / "raw"
+    checkpoint.save(flat, out, "dit", cfg.to_dict())
+    store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{out / checkpoint.PARAMS}/"}).result()
+    headers = [json.loads(store.read(k).result().value) for k in store.list().result() if k.endswith(b".zarray")]
+    assert len(headers) == len(flat) and all(h["compressor"] is None for h in headers)
+
+    older = tmp_path / "zstd"  # written as earlier versions did
+    older.mkdir()
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(older / checkpoint.PARAMS, checkpoint.nest(flat))
+    (out / checkpoint.META).replace(older / checkpoint.META)
+    back = checkpoint.restore(older, expected_leaves(abstract_dit(cfg)), "dit")
+    for p in ref:
+        np.testing.assert_array_equal(np.asarray(back[p]), ref[p])
+
+
 def test_cli_failure_leaves_nothing(plain, tmp_path):
     fx, cfg, _ = plain
     bad = _mutated(fx, tmp_path, lambda t: t.pop(KEY))

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -225,12 +226,41 @@ def test_small_random_models_compile_for_compile_speed(monkeypatch):
     from magi_jax import compile_cache, pipeline
 
     used = []
-    real = compile_cache.compile_run_once
-    monkeypatch.setattr(compile_cache, "compile_run_once", lambda lowered: used.append(1) or real(lowered))
+    real = compile_cache.compile_with
+    monkeypatch.setattr(compile_cache, "compile_with", lambda lowered, o: used.append(o) or real(lowered, o))
     monkeypatch.setattr(pipeline, "RUN_ONCE_PARAMETERS", 100)
-    small = pipeline.random_init(lambda: nnx.Linear(4, 4, rngs=nnx.Rngs(0)))  # 20 values
-    assert used == [1]
-    large = pipeline.random_init(lambda: nnx.Linear(16, 16, rngs=nnx.Rngs(0)))  # 272 values
-    assert used == [1]
+    compile_cache.forget_programs()
+    small = pipeline.random_init(lambda: nnx.Linear(4, 4, rngs=nnx.Rngs(0)), "linear", (4, 4))  # 20 values
+    large = pipeline.random_init(lambda: nnx.Linear(16, 16, rngs=nnx.Rngs(0)), "linear", (16, 16))  # 272 values
+    assert used == [compile_cache.RUN_ONCE_OPTIONS, {}]
     assert small.kernel[...].shape == (4, 4) and large.kernel[...].shape == (16, 16)
     assert np.abs(np.asarray(small.kernel[...])).max() > 0
+
+
+def test_a_warm_start_loads_random_weights_without_tracing_their_initialiser(tmp_path):
+    """Random weights (TINY) are drawn by a saved program: a new process loads it from the
+    cache instead of tracing and compiling the model's initialiser again."""
+    from flax import nnx
+
+    from magi_jax import compile_cache, pipeline
+
+    before = jax.config.jax_compilation_cache_dir
+    compile_cache.enable(str(tmp_path / "cache"))
+    traced = []
+
+    def build():
+        traced.append(1)  # eval_shape traces once per call for the structure; jit once more
+        return nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+
+    try:
+        compile_cache.forget_programs()
+        first = pipeline.random_init(build, "warm_linear", 8)
+        assert len(traced) == 2
+        compile_cache.forget_programs()  # as a new process starts
+        with compile_cache.recording() as stats:
+            again = pipeline.random_init(build, "warm_linear", 8)
+        assert len(traced) == 3 and stats.cache_hits == ["random_warm_linear"]
+        np.testing.assert_array_equal(np.asarray(again.kernel[...]), np.asarray(first.kernel[...]))
+    finally:
+        compile_cache.enable(before or "off")
+        compile_cache.forget_programs()
