@@ -187,11 +187,14 @@ def jit_guided(model: DiT, config: MagiConfig):
     over it."""
     from flax import nnx
 
+    from magi_jax.compile_cache import program_options
+
     graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def run(state, x, captions, call, cache):
+    def forward(state, x, captions, call, cache):
         return guided_velocity(nnx.merge(graphdef, state), config, x, captions, call, cache)
+
+    run = jax.jit(forward, compiler_options=program_options(state))  # the parameters decide them
 
     def call_guided(x, captions: Captions, call: ForwardCall, cache: KVCache):
         if not isinstance(captions.mask, jax.core.Tracer):  # concrete masks (not inside an outer jit)
