@@ -430,11 +430,10 @@ def check(
     records = []
     from magi_jax.memory_plan import plan_memory
 
-    platform = devices[0].platform
     for p in todo:
         planned = None
         if p.window is not None:  # the plan of a T2V run's steps of this window
-            planned = plan_memory(config, dict(mesh.shape), 0, impl, only_window=p.window, backend=platform).total
+            planned = plan_memory(config, dict(mesh.shape), 0, impl, only_window=p.window).total
         try:
             compiled, seconds = compile_program(p, mesh, impl)
         except Exception as e:  # the TPU compiler refuses a program that cannot fit the chip

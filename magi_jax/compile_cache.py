@@ -208,11 +208,6 @@ def compile_with(lowered, options: dict):
             del options[unknown[0]]
 
 
-def compile_run_once(lowered):
-    """`lowered.compile()` with the RUN_ONCE_OPTIONS this XLA knows."""
-    return compile_with(lowered, RUN_ONCE_OPTIONS)
-
-
 # ----------------------------------------------------------------------------- 16-bit weights on CPU
 
 # XLA:CPU computes a bfloat16 / float16 slice in float32 (its float normalization wraps the

@@ -106,12 +106,12 @@ def plan_memory(
     prefix_frames: int = 0,
     impl: str | None = None,
     only_window=None,
-    backend: str | None = None,
 ) -> MemoryPlan:
     """The per-device plan for `config`'s video on a mesh ({axis: size}, default one device),
     with the attention implementation `impl` (default: the one this backend runs): the
     largest step's, or with `only_window` (a ForwardCall Window) the steps of that window's.
-    `backend`: the platform the program compiles for (default: this process's)."""
+    The same on every backend: on CPU, programs over 16-bit weights compile so that no float32
+    copy of the weight stacks is made (compile_cache.program_options)."""
     from magi_jax.dit_weights import abstract_dit
     from magi_jax.sampler_plan import cache_rows, latent_slots, layout, plan
 
@@ -142,15 +142,6 @@ def plan_memory(
     # latents and prefix in the slots; both caption rows of a window's chunks and the null caption
     # the re-encoded clean chunk reads
     inputs = 4 * (2 * c * slots * hh * ww) + 4 * (2 * window + 1) * length * (cc + 1)
-    # XLA:CPU computes 16-bit dots in float32: it converts the stacked layer kernels whole,
-    # ahead of the layer loop, and keeps them for the step
-    upcast = 0
-    if (backend or jax.default_backend()) == "cpu":
-        for path, var in nnx.to_flat_state(nnx.state(abstract_dit(config))):
-            v = var.get_value()
-            if path[0] == "segments" and v.ndim == 3 and jnp.dtype(v.dtype).itemsize == 2:
-                split = _shard_factor(var.get_metadata()["out_sharding"], v.shape, mesh)
-                upcast += _bytes(v.shape, jnp.float32) // split
     largest = 0
     for stage in plan(config, lay):
         for group in stage.groups:
@@ -173,12 +164,14 @@ def plan_memory(
             cross += rows * r * length * 2 * kv_row  # the chunks' caption keys and values
             proj = rows * s * (2 * h * hd * pd // model_split + 3 * d * 4)
             mlp = rows * s * ffn * (pd + 4) // model_split
-            # the window's projected captions (float32, then params_dtype), held through the layers;
-            # base models also hold the null caption's chunks for the unconditional pass
-            captions = rows * r * length * dx * (4 + pd) + (rows // 2) * r * length * cc * 4
-            working = carry + kv + qkv + max(tile, cross, proj, mlp) + captions
+            # the window's projected captions (float32, then params_dtype), held through the layers
+            captions = rows * r * length * dx * (4 + pd)
+            # base models project the null caption's chunks too: their float32 tokens live only
+            # while projected, before the layers, so XLA reuses that memory for the layers' own
+            caption_tokens = (rows // 2) * r * length * cc * 4
+            working = carry + kv + qkv + max(tile, cross, proj, mlp, caption_tokens) + captions
             largest = max(largest, working)
-    return MemoryPlan(params, cache, largest + inputs + upcast, sizes)
+    return MemoryPlan(params, cache, largest + inputs, sizes)
 
 
 def device_capacity(device=None) -> int | None:
