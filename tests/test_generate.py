@@ -166,14 +166,15 @@ BAD = [
         "holds base weights, but the config is a distilled model",
     ),
     (lambda t, m: ["--mesh", "4x4"], "mesh '4x4' needs 16 devices, 8 are present"),  # the session has 8 (conftest)
-    (lambda t, m: ["--config_file", "24B_base", "--num_frames", "960"], "but a device holds"),
+    # 24B base at 1088x1920 on this session's 8 devices (seq=8): about 76 GiB each
+    (lambda t, m: ["--config_file", "24B_base", "--size", "1088x1920", "--num_frames", "960"], "but a device holds"),
 ]
 
 
 @pytest.mark.parametrize("args, message", BAD, ids=[m for _, m in BAD])
 def test_bad_input_is_one_clear_error(tmp_path, media, capsys, monkeypatch, args, message):
     # the memory check reads the device's capacity; an 80 GiB device makes the cases independent
-    # of the host (a 4.5B run at 256x256 does not fit a 24 GiB CPU host: bf16 weights are widened)
+    # of the host
     monkeypatch.setattr(memory_plan, "device_capacity", lambda device=None: 80 * 2**30)
     argv = ["--prompt", "p", "--output_path", str(tmp_path / "out.mp4")] + args(tmp_path, media)
     assert main(argv) == 2
