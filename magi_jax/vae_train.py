@@ -19,6 +19,7 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -141,8 +142,6 @@ def main(argv=None) -> int:
         problems.append(f"--frames {args.frames} must be a positive multiple of {cfg.patch_length}")
     if min(args.clips, args.steps, args.batch) <= 0:
         problems.append("--clips, --steps and --batch must be positive")
-    from pathlib import Path
-
     if Path(args.out).exists() and not args.overwrite:
         problems.append(f"{args.out} already exists; choose another --out or pass --overwrite")
     if problems:
