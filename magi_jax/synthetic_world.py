@@ -234,6 +234,15 @@ def describe(frames: np.ndarray, lead: int | None = None) -> tuple[str | None, s
 # ----------------------------------------------------------------------------- the command
 
 
+def size_arg(text: str) -> tuple[int, int]:
+    """argparse type of a --size in the project's HEIGHTxWIDTH form -> (width, height)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH (e.g. 64x96)") from None
+    return w, h
+
+
 def write_clips(out, count: int, seed: int = 0, size=(64, 64), frames: int = 32, fps: int = 24) -> list[Path]:
     """Writes clips [0, count) of `seed` as `clip_%05d.mp4` + `.txt` into `out`; each file
     appears under its name only when complete. Returns the mp4 paths."""
@@ -259,15 +268,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for clip_NNNNN.mp4 and .txt")
     ap.add_argument("--count", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", default="64x64", help="WIDTHxHEIGHT in pixels")
+    ap.add_argument("--size", default="64x64", type=size_arg, help="HEIGHTxWIDTH in pixels")
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--fps", type=int, default=24)
     args = ap.parse_args(argv)
-    try:
-        w, h = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        print(f"error: --size {args.size!r} must be WIDTHxHEIGHT, e.g. 64x64", file=sys.stderr)
-        return 2
+    w, h = args.size
     problems = [
         f"{name} must be positive"
         for name, v in (

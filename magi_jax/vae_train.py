@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from magi_jax.synthetic_world import size_arg
 from magi_jax.vae import TINY, VaeConfig, VaeModel, posterior
 
 f32 = jnp.float32
@@ -124,20 +125,16 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=VaeTraining.batch)
     ap.add_argument("--lr", type=float, default=VaeTraining.lr)
     ap.add_argument("--kl_weight", type=float, default=VaeTraining.kl_weight)
-    ap.add_argument("--size", default="64x64", help="WIDTHxHEIGHT, multiples of the patch size (8)")
+    ap.add_argument("--size", default="64x64", type=size_arg, help="HEIGHTxWIDTH, multiples of the patch size (8)")
     ap.add_argument("--frames", type=int, default=8, help="frames per clip, a multiple of the patch length (4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
-    try:
-        w, h = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        print(f"error: --size {args.size!r} must be WIDTHxHEIGHT, e.g. 64x64", file=sys.stderr)
-        return 2
+    w, h = args.size
     cfg = TINY
     problems = []
     if w % cfg.patch_size or h % cfg.patch_size or min(w, h) < 32:
-        problems.append(f"--size {args.size}: width and height must be multiples of {cfg.patch_size}, at least 32")
+        problems.append(f"--size {h}x{w}: height and width must be multiples of {cfg.patch_size}, at least 32")
     if args.frames <= 0 or args.frames % cfg.patch_length:
         problems.append(f"--frames {args.frames} must be a positive multiple of {cfg.patch_length}")
     if min(args.clips, args.steps, args.batch) <= 0:

@@ -77,5 +77,6 @@ def test_the_command_writes_captioned_videos_as_train_data_reads_them(tmp_path, 
         frames = read_video(path, 24, 64, 64)
         assert frames.shape == (24, 64, 64, 3)
         assert np.abs(frames.astype(float) - want.frames).mean() < 4  # the clip, through H.264
+    assert world.size_arg("32x48") == (48, 32)  # HEIGHTxWIDTH, as every --size of the project
     assert world.main(["--out", str(tmp_path / "x"), "--size", "16x16"]) == 2
     assert "at least 32 pixels" in capsys.readouterr().err
