@@ -5,8 +5,10 @@ The loss per clip x (pixels in [-1, 1], (3, T, H, W)):
     z = mean + exp(logvar / 2) * eps          (the posterior's reparameterised sample)
     loss = mean((decode(z) - x)^2) + kl_weight * mean(KL(N(mean, exp(logvar)) || N(0, 1)))
 The KL term keeps the latents near unit scale and the posterior smooth, so the DiT trained on
-them sees a well-conditioned space. Parameters train in float32 with AdamW in one jitted,
-donated step; the checkpoint is what `load_vae` (and `--vae_ckpt`) reads.
+them sees a well-conditioned space. Parameters train in float32 with the DiT trainer's
+optimizer (train.optimizer: AdamW, warmup and cosine decay, global-norm clipping) in one
+jitted, donated step; frames are read as the VAE reads them at inference
+(vae_tiling.frames_to_model). The checkpoint is what `load_vae` (and `--vae_ckpt`) reads.
 
     python -m magi_jax.vae_train --out vae.magi_jax --clips 512 --steps 2000 [--size 64x64 --frames 8]
 
@@ -28,7 +30,9 @@ import optax
 from flax import nnx
 
 from magi_jax.synthetic_world import size_arg
+from magi_jax.train import TrainConfig, optimizer
 from magi_jax.vae import TINY, VaeConfig, VaeModel, posterior
+from magi_jax.vae_tiling import frames_to_model
 
 f32 = jnp.float32
 
@@ -41,11 +45,6 @@ class VaeTraining:
     warmup: int = 50
     kl_weight: float = 1e-4
     seed: int = 0
-
-
-def pixels(frames: np.ndarray) -> np.ndarray:
-    """uint8 (T, H, W, 3) -> float32 (3, T, H, W) in [-1, 1], as the VAE reads frames."""
-    return np.asarray(frames, np.float32).transpose(3, 0, 1, 2) / np.float32(127.5) - np.float32(1.0)
 
 
 def vae_loss(model: VaeModel, x, key, kl_weight: float):
@@ -66,10 +65,14 @@ class VaeTrainer:
         self.config, self.training = config, training
         model = model or VaeModel(config, dtype=f32, attention_dtype=f32, rngs=nnx.Rngs(training.seed))
         self.graphdef, params = nnx.split(model)
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, training.lr, min(training.warmup, max(training.steps - 1, 1)), max(training.steps, 2)
+        self.tx = optimizer(
+            TrainConfig(
+                learning_rate=training.lr,
+                warmup_steps=min(training.warmup, training.steps - 1),
+                total_steps=training.steps,
+                weight_decay=0.0,
+            )
         )
-        self.tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
         self.state = (params, self.tx.init(params))
         self.key = jax.random.key(training.seed + 1)
         self.steps_done = 0
@@ -109,7 +112,10 @@ def world_batches(count: int, batch: int, size, frames: int, seed: int = 0):
     seeded order; each item a random `frames`-long window of its clip."""
     from magi_jax import synthetic_world
 
-    clips = [pixels(synthetic_world.clip(seed, i, size, max(frames, 16)).frames) for i in range(count)]
+    clips = [
+        frames_to_model(synthetic_world.clip(seed, i, size, max(frames, 16)).frames, np.float32)[0]
+        for i in range(count)
+    ]
     rng = np.random.default_rng(seed)
     while True:
         picks = rng.integers(0, count, batch)
