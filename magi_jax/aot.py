@@ -279,11 +279,11 @@ def vae_program(config, device) -> Program:
     from jax.sharding import SingleDeviceSharding
 
     from magi_jax.sampler_plan import layout
-    from magi_jax.vae import RELEASED, TINY, Vae, VaeModel
+    from magi_jax.vae import RELEASED, WORLD, Vae, VaeModel
     from magi_jax.vae_tiling import TileConfig
     from magi_jax.weights import abstract_model
 
-    cfg = TINY if config.model.num_layers <= 2 and config.model.hidden_size < 256 else RELEASED
+    cfg = WORLD if config.model.latent_channels == WORLD.z_chans else RELEASED  # the tiny variant's VAE, or the release
     vae = Vae(abstract_model(lambda: VaeModel(cfg)), tiles=TileConfig.for_fps(config.runtime.fps))
     where = SingleDeviceSharding(device)
     state = jax.tree.map(lambda a: _sds(a.shape, a.dtype, where), vae.state)
@@ -433,7 +433,7 @@ def check(
     for p in todo:
         planned = None
         if p.window is not None:  # the plan of a T2V run's steps of this window
-            planned = plan_memory(config, dict(mesh.shape), 0, impl, only_window=p.window).total
+            planned = plan_memory(config, dict(mesh.shape), 0, impl, p.window, devices[0].platform).total
         try:
             compiled, seconds = compile_program(p, mesh, impl)
         except Exception as e:  # the TPU compiler refuses a program that cannot fit the chip

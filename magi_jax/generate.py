@@ -9,8 +9,10 @@
 Upstream's flags keep upstream's meaning (`--config_file`, `--mode`, `--prompt`,
 `--image_path`, `--prefix_video_path`, `--output_path`); ours override the config
 (`--seed`, `--num_steps`, `--num_frames`, `--size`, `--dtype`, checkpoint paths, ...).
-Without a config the TINY variant runs with random weights - a smoke test of the whole
-pipeline that produces noise, and says so.
+Without a config (or with `--config_file tiny`) the tiny variant runs the bundled model, a
+small MAGI-1 trained here on the procedural ball world (world_model.py), so the first command
+needs no download; `--random_weights` runs tiny with random weights instead (a smoke test of
+the pipeline that produces noise, and says so).
 
 Data path: text encoder -> special tokens and per-chunk captions -> sampler (DiT + KV
 cache) -> each clean chunk decoded by the VAE and appended to the mp4 as soon as it
@@ -41,7 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m magi_jax.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--config_file", default=None, help="upstream JSON config or variant name (default: tiny)")
+    ap.add_argument(
+        "--config_file",
+        default=None,
+        help="upstream JSON config or variant name (default: tiny, with its bundled weights: see world_model.py)",
+    )
     ap.add_argument("--mode", default="t2v", help="t2v, i2v or v2v")
     ap.add_argument(
         "--prompt",
@@ -66,6 +72,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ours.add_argument("--dit_ckpt", default=None, help="DiT weights: magi-jax checkpoint or upstream folder")
     ours.add_argument("--vae_ckpt", default=None, help="VAE folder (upstream layout)")
     ours.add_argument("--t5_ckpt", default=None, help="T5 folder (upstream t5_pretrained layout)")
+    ours.add_argument(
+        "--random_weights",
+        action="store_true",
+        help="tiny with random weights instead of the bundled ones (a pipeline smoke test; the video is noise)",
+    )
     ours.add_argument(
         "--prefix_frames",
         type=int,
@@ -173,8 +184,18 @@ def resolve(args: argparse.Namespace) -> Plan:
     if args.mode == "v2v" and not args.prefix_video_path:
         raise UsageError("--mode v2v needs --prefix_video_path (the video to continue)")
 
-    random_weights = args.config_file is None
+    from magi_jax.pipeline import bundled_weights, with_bundled_weights
+
+    given = [flag for flag in ("dit_ckpt", "vae_ckpt", "t5_ckpt") if getattr(args, flag)]
+    tiny = args.config_file in (None, "tiny")
+    if args.random_weights and (given or not tiny):
+        raise UsageError("--random_weights runs the tiny variant: leave out --config_file and the --*_ckpt flags")
     config = load_config(args.config_file or "tiny").apply_env()
+    # no weights named: the tiny variant runs the bundled model when the package has it
+    bundle = bundled_weights() if tiny and not given and not args.random_weights else None
+    if bundle is not None:
+        config = with_bundled_weights(config, bundle)
+    random_weights = args.random_weights or (args.config_file is None and bundle is None and not given)
     runtime = {}
     if args.seed is not None:
         runtime["seed"] = args.seed

@@ -106,12 +106,18 @@ def plan_memory(
     prefix_frames: int = 0,
     impl: str | None = None,
     only_window=None,
+    platform: str | None = None,
 ) -> MemoryPlan:
     """The per-device plan for `config`'s video on a mesh ({axis: size}, default one device),
     with the attention implementation `impl` (default: the one this backend runs): the
     largest step's, or with `only_window` (a ForwardCall Window) the steps of that window's.
-    The same on every backend: on CPU, programs over 16-bit weights compile so that no float32
-    copy of the weight stacks is made (compile_cache.program_options)."""
+    `platform` (default: this process's backend) is where it runs: XLA:CPU copies layers'
+    slices of the stacked weights out of the stacks inside the layer loop, and a small window's
+    temporaries are those copies rather than its activations (measured: the tiny variant's
+    64x64 step holds 2.0 MB of temporaries, two layers' weights, against 1.2 MB of activations;
+    at 128x128 the activations are the larger, and the copies reuse their memory), so on CPU
+    the working set is at least two layers' weights. On CPU, programs over 16-bit weights
+    compile so that no float32 copy of the whole stacks is made (compile_cache.program_options)."""
     from magi_jax.dit_weights import abstract_dit
     from magi_jax.sampler_plan import cache_rows, latent_slots, layout, plan
 
@@ -120,10 +126,13 @@ def plan_memory(
     m, rt = config.model, config.runtime
     impl = impl or attention.implementation(m.dtype)
 
-    params = 0
+    params = stacked = 0
     for _, var in nnx.to_flat_state(nnx.state(abstract_dit(config))):
-        v = var.get_value()
-        params += _bytes(v.shape, v.dtype) // _shard_factor(var.get_metadata()["out_sharding"], v.shape, mesh)
+        v, logical = var.get_value(), var.get_metadata()["out_sharding"]
+        here = _bytes(v.shape, v.dtype) // _shard_factor(logical, v.shape, mesh)
+        params += here
+        stacked += here if logical and logical[0] == "layers" else 0
+    layer_copies = 2 * stacked // m.num_layers if (platform or jax.default_backend()) == "cpu" else 0
 
     lay = layout(config, prefix_frames)
     cache_shape = (m.num_layers, cache_rows(config, lay), m.num_query_groups, m.kv_channels)
@@ -170,6 +179,7 @@ def plan_memory(
             # while projected, before the layers, so XLA reuses that memory for the layers' own
             caption_tokens = (rows // 2) * r * length * cc * 4
             working = carry + kv + qkv + max(tile, cross, proj, mlp, caption_tokens) + captions
+            working = max(working, layer_copies)
             largest = max(largest, working)
     return MemoryPlan(params, cache, largest + inputs, sizes)
 

@@ -11,8 +11,9 @@ chunk, so a video of minutes takes the memory of a video of seconds.
 Weights: the released upstream layout (`<load>/inference_weight[.fp8][.distill]/`, the VAE
 folder, `<t5_pretrained>/t5-v1_1-xxl/`) is converted on the fly; a magi-jax checkpoint
 written by convert_torch_weights.py is restored directly (found next to the upstream folder
-as `<folder>.magi_jax`, or given as the path itself). Without weights (no config given)
-the TINY variant runs with random weights.
+as `<folder>.magi_jax`, or given as the path itself). Without weights the tiny variant runs
+the bundled model (world_model.py: trained here on the procedural ball world), or, with
+`--random_weights`, random weights.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from magi_jax.progress import Progress
 from magi_jax.timing import Timeline, render, summary, write_json
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+BUNDLE = ASSETS / "tiny"  # the tiny variant's trained weights (world_model.py writes them)
+BUNDLE_PARTS = ("t5", "vae", "dit")
 
 
 def _log(msg: str):
@@ -50,6 +53,19 @@ def _prefer_checkpoint(path: Path) -> Path:
 
     converted = path.with_name(path.name + CONVERTED_SUFFIX)
     return converted if is_checkpoint(converted) else path
+
+
+def bundled_weights() -> Path | None:
+    """The bundled weights' folder when every part is there (a source checkout may lack them)."""
+    from magi_jax.checkpoint import is_checkpoint
+
+    return BUNDLE if all(is_checkpoint(BUNDLE / p) for p in BUNDLE_PARTS) else None
+
+
+def with_bundled_weights(config: MagiConfig, folder: Path) -> MagiConfig:
+    """`config` reading its DiT, VAE and T5 from a bundle folder (t5/, vae/, dit/)."""
+    paths = {"load": folder / "dit", "vae_pretrained": folder / "vae", "t5_pretrained": folder / "t5"}
+    return config.replace(runtime={k: str(v) for k, v in paths.items()})
 
 
 # Below this many parameters a random initialiser is compiled for compile speed: TINY's DiT,
@@ -110,14 +126,15 @@ def dit_model(config: MagiConfig, random_weights: bool, source: Path | None, mes
 
 
 def vae_model(config: MagiConfig, random_weights: bool):
-    from magi_jax.vae import TINY, Vae, VaeModel
+    from magi_jax.vae import WORLD, Vae, VaeModel
     from magi_jax.vae_tiling import TileConfig
     from magi_jax.vae_weights import load_vae
 
     tiles = TileConfig.for_fps(config.runtime.fps)
     scale = config.runtime.scale_factor
     if random_weights:
-        return Vae(random_init(lambda: VaeModel(TINY, rngs=nnx.Rngs(0)), "vae", TINY), scale_factor=scale, tiles=tiles)
+        model = random_init(lambda: VaeModel(WORLD, rngs=nnx.Rngs(0)), "vae", WORLD)
+        return Vae(model, scale_factor=scale, tiles=tiles)
     if not config.runtime.vae_pretrained:
         raise FileNotFoundError("runtime_config.vae_pretrained is empty; pass --vae_ckpt (the released vae folder)")
     return load_vae(_prefer_checkpoint(Path(config.runtime.vae_pretrained)), scale_factor=scale, tiles=tiles)
@@ -196,7 +213,7 @@ def load_parts(plan, timeline: Timeline) -> Parts:
     cfg, m = plan.config, plan.config.model
     if plan.random_weights:
         _log(
-            "note: no weights given - running the TINY variant with random weights, so the video is noise. "
+            "note: running the tiny variant with random weights, so the video is noise. "
             "For real videos pass --config_file 4.5B_distill (or another released config) with its weights "
             "downloaded, or --dit_ckpt/--vae_ckpt/--t5_ckpt (see README)."
         )

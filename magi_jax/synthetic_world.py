@@ -199,6 +199,25 @@ def clip(
     )
 
 
+def rolling(seed: int, index: int, colour: str, heading, size=(64, 64), frames: int = 32, fps: int = 24) -> np.ndarray:
+    """Frames (T, H, W, 3) uint8 of one `colour` ball rolling along `heading` (dx, dy), any
+    direction - a diagonal, say, which the world's clips never show: new motion to teach a
+    model (the LoRA notebook). Speed, size and start are drawn as for a rolling clip."""
+    if colour not in COLOURS:
+        raise ValueError(f"unknown colour {colour!r}; use one of {', '.join(COLOURS)}")
+    rng = np.random.default_rng([seed, index, 1])
+    w, h = size
+    scale = min(w, h) / 64.0
+    u = np.asarray(heading, np.float64)
+    u = u / np.linalg.norm(u)
+    radius = np.array([rng.uniform(5.0, 8.0) * scale])
+    along = rng.uniform(0.2, 0.35)
+    pos = np.array([[w / 2 - u[0] * along * w, h / 2 - u[1] * along * h]]) + rng.uniform(-3, 3, (1, 2)) * scale
+    vel = (u * rng.uniform(35.0, 60.0) * scale)[None]
+    tracks, _ = _simulate(pos, vel, radius, frames, fps, (w, h), 0.0)
+    return _render(tracks, radius, (colour,), (w, h))
+
+
 # ----------------------------------------------------------------------------- reading clips back
 
 

@@ -91,40 +91,60 @@ def prepare(sources, out, config: MagiConfig, vae, text, progress: bool = True) 
 
     `vae` (vae.Vae) and `text` (t5.TextEncoder) are loaded by the caller; frames, size and fps
     come from config.runtime (num_frames, video_size_h/w, fps)."""
-    from tqdm import tqdm
-
     from magi_jax.video_io import MediaError, read_video
 
-    rt, m = config.runtime, config.model
+    rt = config.runtime
+    skipped = []
+
+    def videos():
+        for src in sources:
+            try:
+                if src.caption is None:
+                    raise DataError("no caption (name.txt beside the video, or a caption in the JSONL)")
+                video = read_video(src.video, rt.fps, rt.video_size_w, rt.video_size_h, prefix_frames=rt.num_frames)
+                if len(video) < rt.num_frames:
+                    raise DataError(f"{len(video)} frames at {rt.fps} fps, {rt.num_frames} needed")
+            except (DataError, MediaError, OSError, ValueError) as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                print(f"skipped {src.video}: {reason}", file=sys.stderr)
+                skipped.append((str(src.video), reason))
+                continue
+            yield src.name, src.caption, video
+
+    clips = write_dataset(videos(), out, config, vae, text, len(sources), progress)
+    if not clips:
+        raise DataError(f"none of the {len(sources)} videos could be used (see the reasons above)")
+    (Path(out) / SKIPPED).write_text("".join(f"{v}\t{why}\n" for v, why in skipped))
+    return {"clips": clips, "skipped": skipped}
+
+
+def write_dataset(items, out, config: MagiConfig, vae, text, total: int | None = None, progress: bool = True) -> int:
+    """Encodes (name, caption, frames (T, H, W, 3) uint8) items into the dataset folder `out`
+    (one npz shard per clip, then index and meta); returns the number of clips. Each caption's
+    embedding is computed once."""
+    from tqdm import tqdm
+
+    m = config.model
     out = Path(out)
     (out / "clips").mkdir(parents=True, exist_ok=True)
-    index, skipped = [], []
-    for src in tqdm(sources, desc="encoding", unit="video", file=sys.stderr, disable=None if progress else True):
-        try:
-            if src.caption is None:
-                raise DataError("no caption (name.txt beside the video, or a caption in the JSONL)")
-            video = read_video(src.video, rt.fps, rt.video_size_w, rt.video_size_h, prefix_frames=rt.num_frames)
-            if len(video) < rt.num_frames:
-                raise DataError(f"{len(video)} frames at {rt.fps} fps, {rt.num_frames} needed")
-            latents = vae.encode_pixels(video).astype(np.float32)
-            emb, mask = text.encode([src.caption], m.caption_max_length)
-            n = int(np.asarray(mask[0]).sum())
-        except (DataError, MediaError, OSError, ValueError) as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            print(f"skipped {src.video}: {reason}", file=sys.stderr)
-            skipped.append((str(src.video), reason))
-            continue
+    index, captions = [], {}
+    for name, caption, video in tqdm(
+        items, desc="encoding", unit="video", total=total, file=sys.stderr, disable=None if progress else True
+    ):
+        latents = vae.encode_pixels(video).astype(np.float32)
+        if caption not in captions:
+            emb, mask = text.encode([caption], m.caption_max_length)
+            captions[caption] = np.asarray(emb[0, : int(np.asarray(mask[0]).sum())], np.float16)
         file = f"clips/{len(index):06d}.npz"
-        _write_npz(out / file, latents=latents.astype(np.float16), caption=emb[0, :n].astype(np.float16))
-        index.append({"name": src.name, "file": file, "caption": src.caption, "frames": int(latents.shape[1])})
-    if not index:
-        raise DataError(f"none of the {len(sources)} videos could be used (see the reasons above)")
-    shape = list(np.load(out / index[0]["file"])["latents"].shape)
-    meta = {"clips": len(index), "latent_shape": shape, "caption_channels": m.caption_channels, "fps": rt.fps}
-    (out / INDEX).write_text("".join(json.dumps(r) + "\n" for r in index))
-    (out / SKIPPED).write_text("".join(f"{v}\t{why}\n" for v, why in skipped))
-    (out / META).write_text(json.dumps(meta, indent=1) + "\n")
-    return {"clips": len(index), "skipped": skipped}
+        _write_npz(out / file, latents=latents.astype(np.float16), caption=captions[caption])
+        index.append({"name": name, "file": file, "caption": caption, "frames": int(latents.shape[1])})
+    if index:
+        shape = list(np.load(out / index[0]["file"])["latents"].shape)
+        meta = {"clips": len(index), "latent_shape": shape, "caption_channels": m.caption_channels}
+        meta["fps"] = config.runtime.fps
+        (out / INDEX).write_text("".join(json.dumps(r) + "\n" for r in index))
+        (out / META).write_text(json.dumps(meta, indent=1) + "\n")
+    return len(index)
 
 
 class ClipData:

@@ -222,8 +222,18 @@ RELEASED = VaeConfig(
     conv_last_layer=True,
 )
 
-# The released patch size and latent channels at a toy width, for tests and the pixel pipeline.
+# The released patch size and latent channels at a toy width, for tests of the VAE itself.
 TINY = RELEASED.replace(video_size=64, video_length=8, embed_dim=256, depth=1, num_heads=4, mlp_ratio=0.5)
+
+# The tiny variant's VAE (the bundled one, trained by world_model.py on the procedural world,
+# and the random one of `--random_weights`): 4x4-pixel, 4-frame patches to 4 latent channels
+# (the released 48x compression) at width 256. The decoder unpatchifies each token's D values
+# into D / (pt*p*p) channels per pixel before its last conv: the released 8x8 patch at this
+# width (TINY) leaves one channel, from which a linear conv draws every colour along one line
+# in RGB - no training makes it draw a red and a blue ball; 4x4 patches leave four.
+WORLD = RELEASED.replace(
+    video_size=64, video_length=8, patch_size=4, z_chans=4, embed_dim=256, depth=1, num_heads=4, mlp_ratio=2.0
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -386,6 +396,32 @@ class Encoder(_Trunk):
         return y
 
 
+def conv3x3x3(x, kernel):
+    """A stride-1, zero-padded 3x3x3 Conv3d (x (B, Ci, T, H, W), kernel (Co, Ci, 3, 3, 3)),
+    float32 accumulation, as a sum of 27 shifted channel contractions.
+
+    The decoder's last layer has a handful of input channels (Cu = D / (pt*p*p)), where
+    XLA:CPU's convolution runs about 100x slower forward and 20x slower backward than this
+    sum in float32 (measured on 64x64x8 clips), which is what makes training the VAE on a CPU
+    practical. The result is the same convolution up to summation order. Inference keeps
+    lax.conv: in bfloat16 the sum is no faster there and compiles slower.
+    """
+    _, _, t, h, w = x.shape
+    xp = jnp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1), (1, 1)))
+    y = None
+    for i in range(3):
+        for j in range(3):
+            for k in range(3):
+                term = jnp.einsum(
+                    "bcthw,oc->bothw",
+                    xp[:, :, i : i + t, j : j + h, k : k + w],
+                    kernel[:, :, i, j, k],
+                    preferred_element_type=f32,
+                )
+                y = term if y is None else y + term
+    return y
+
+
 class Decoder(_Trunk):
     autocast = True
 
@@ -407,7 +443,7 @@ class Decoder(_Trunk):
         y = jnp.matmul(x, kernel, preferred_element_type=f32).astype(self.dtype)
         return (y.astype(f32) + self.proj_in.bias[...].astype(f32)).astype(self.dtype)
 
-    def __call__(self, z, strided: bool = True):
+    def __call__(self, z, strided: bool = True, shifted_conv: bool = False):
         """latent (B, z, t, h, w) -> frames (B, 3, t*pt, h*p, w*p).
 
         `strided`: whether upstream's token matrix is a view of the latent (true for a whole
@@ -419,14 +455,18 @@ class Decoder(_Trunk):
         x = self._trunk(self._embed(x, strided), (t, h, w))
         x = x.reshape(b, t, h, w, pt, p, p, cu).transpose(0, 7, 1, 4, 2, 5, 3, 6)
         x = x.reshape(b, cu, t * pt, h * p, w * p)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            self.last_layer[...].astype(self.dtype),
-            window_strides=(1, 1, 1),
-            padding=[(1, 1)] * 3,
-            dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
-            preferred_element_type=f32,
-        )
+        x, kernel = x.astype(self.dtype), self.last_layer[...].astype(self.dtype)
+        if shifted_conv:
+            y = conv3x3x3(x, kernel)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(1, 1, 1),
+                padding=[(1, 1)] * 3,
+                dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
+                preferred_element_type=f32,
+            )
         return (y + self.last_bias[...].astype(f32)[None, :, None, None, None]).astype(self.dtype)
 
 
@@ -451,10 +491,11 @@ class VaeModel(nnx.Module):
             mean, _ = posterior(self.encoder(x))
         return mean[:, :, :1] if single else mean
 
-    def decode(self, z, strided: bool = True):
-        """z (B, z, t, h, w) -> (B, 3, t*pt, H, W); one latent frame -> one frame."""
+    def decode(self, z, strided: bool = True, shifted_conv: bool = False):
+        """z (B, z, t, h, w) -> (B, 3, t*pt, H, W); one latent frame -> one frame.
+        `shifted_conv`: the last layer as `conv3x3x3` (training; see there)."""
         with jax.named_scope("vae_decode"):
-            out = self.decoder(z, strided)
+            out = self.decoder(z, strided, shifted_conv)
         return out[:, :, :1] if z.shape[2] == 1 else out
 
 

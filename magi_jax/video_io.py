@@ -276,3 +276,34 @@ class VideoWriter:
         else:
             self.abort()
         return False
+
+
+def frame_strip(frames: np.ndarray, count: int = 8, zoom: int = 2, gap: int = 2) -> np.ndarray:
+    """`count` evenly spaced frames of (T, H, W, 3) uint8 side by side, each enlarged `zoom`
+    times (nearest neighbour: a 64x64 video stays crisp), `gap` white pixels apart."""
+    picks = np.linspace(0, len(frames) - 1, min(count, len(frames))).round().astype(int)
+    tiles = [np.repeat(np.repeat(frames[i], zoom, 0), zoom, 1) for i in picks]
+    h = tiles[0].shape[0]
+    spacer = np.full((h, gap, 3), 255, np.uint8)
+    row = [t for tile in tiles for t in (tile, spacer)][:-1]
+    return np.concatenate(row, axis=1)
+
+
+def write_png(path, image: np.ndarray):
+    """(H, W, 3) uint8 as an 8-bit RGB PNG, written under a temporary name and renamed."""
+    import struct
+    import zlib
+
+    image = np.ascontiguousarray(image, np.uint8)
+    h, w, _ = image.shape
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = b"".join(b"\x00" + image[y].tobytes() for y in range(h))  # filter type 0 per row
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b"")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(png)
+    os.replace(tmp, path)

@@ -47,7 +47,8 @@ def _forward(model, data, chunks: range, t_total: int, cache, writes: bool):
     x, t, cap, mask = data
     lo, hi = chunks.start, chunks.stop
     cw = x.shape[1] // t.shape[0]
-    tokens = cw * (x.shape[2] // 2) * (x.shape[3] // 2)
+    p = CFG.model.patch_size
+    tokens = cw * (x.shape[2] // p) * (x.shape[3] // p)
     call = ForwardCall(
         t=t[lo:hi],
         kv_range=_ranges(lo, hi - lo, tokens),
@@ -70,7 +71,7 @@ def _run(graphdef, state, x, captions, call, cache):
 
 def test_split_calls_equal_one_call(model):
     n, k, cw, hw = 4, 3, 2, 8
-    tokens = cw * (hw // 2) ** 2
+    tokens = cw * (hw // CFG.model.patch_size) ** 2
     m = CFG.model
     data = _inputs(n, cw, hw)
     empty = KVCache.create(m.num_layers, n * tokens, m.num_query_groups, m.kv_channels, jnp.float32)
@@ -90,7 +91,7 @@ def test_split_calls_equal_one_call(model):
 def test_cache_matters(model):
     """Control: without the first call's keys in the cache the split result differs."""
     n, k, cw, hw = 4, 3, 2, 8
-    tokens = cw * (hw // 2) ** 2
+    tokens = cw * (hw // CFG.model.patch_size) ** 2
     m = CFG.model
     data = _inputs(n, cw, hw)
     empty = KVCache.create(m.num_layers, n * tokens, m.num_query_groups, m.kv_channels, jnp.float32)

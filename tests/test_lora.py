@@ -69,8 +69,9 @@ def test_targets_and_options():
     assert isinstance(layers.q, LoRALinear) and not isinstance(layers.k, LoRALinear)
     # A (layers, in, rank), B (layers, rank, out), only on the chosen linears
     shapes = {p[-2:]: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(model, LoRAParam))}
-    assert shapes == {("q", "lora_a"): (2, 64, 2), ("q", "lora_b"): (2, 2, 64), ("fc2", "lora_a"): (2, 128, 2),
-                      ("fc2", "lora_b"): (2, 2, 64)}  # fmt: skip
+    n, d, f = CFG.model.num_layers, CFG.model.hidden_size, CFG.model.ffn_hidden_size
+    assert shapes == {("q", "lora_a"): (n, d, 2), ("q", "lora_b"): (n, 2, d), ("fc2", "lora_a"): (n, f, 2),
+                      ("fc2", "lora_b"): (n, 2, d)}  # fmt: skip
     quant = load_config("4.5B_distill_quant")
     with pytest.raises(LoRAError, match="fp8"):
         apply_lora(nnx.eval_shape(lambda: DiT(quant.model, fp8_quant=True, distill=True)), LoRAConfig())

@@ -80,3 +80,14 @@ def test_the_command_writes_captioned_videos_as_train_data_reads_them(tmp_path, 
     assert world.size_arg("32x48") == (48, 32)  # HEIGHTxWIDTH, as every --size of the project
     assert world.main(["--out", str(tmp_path / "x"), "--size", "16x16"]) == 2
     assert "at least 32 pixels" in capsys.readouterr().err
+
+
+def test_a_ball_can_roll_along_any_heading():
+    frames = world.rolling(0, 0, "green", (1, 1), frames=12)
+    assert frames.shape == (12, 64, 64, 3)
+    mask = np.linalg.norm(frames.astype(float) - world.COLOURS["green"], axis=-1) < 60
+    ys, xs = np.nonzero(mask[0])
+    ye, xe = np.nonzero(mask[8])
+    dx, dy = xe.mean() - xs.mean(), ye.mean() - ys.mean()
+    assert dx > 3 and dy > 3 and 0.6 < dx / dy < 1.6  # down and to the right, about equally
+    np.testing.assert_array_equal(frames, world.rolling(0, 0, "green", (1, 1), frames=12))

@@ -65,7 +65,7 @@ def test_training_forward_equals_the_kv_cached_sampler_forward():
     batch = _batch(1)
     x1, cap, mask = batch.latents[0], batch.caption[0], batch.caption_mask[0]
     r, k = x1.shape[1] // cw, 2
-    tokens = cw * (x1.shape[2] // 2) * (x1.shape[3] // 2)
+    tokens = cw * (x1.shape[2] // m.patch_size) * (x1.shape[3] // m.patch_size)
     noise = np.random.default_rng(0).standard_normal(x1.shape).astype(np.float32)
     t = np.array([CFG.runtime.clean_t] * k + [0.6, 0.2], np.float32)
     tf = np.repeat(t, cw)[None, :, None, None]

@@ -9,6 +9,7 @@ import pytest
 
 from magi_jax.config import load_config
 from magi_jax.train_data import ClipData, DataError, find_sources, prepare
+from magi_jax.vae import WORLD as VAE
 
 CFG = load_config("tiny")
 
@@ -66,7 +67,9 @@ def test_batches_are_deterministic_shuffled_epochs(prepared):
     data = ClipData(out, CFG, seed=1)
     batch = data.batch(0, 2)
     m = CFG.model
-    assert batch.latents.shape == (2, m.latent_channels, 8, 8, 8)
+    rt = CFG.runtime
+    latent_hw = (rt.video_size_h // VAE.patch_size, rt.video_size_w // VAE.patch_size)
+    assert batch.latents.shape == (2, m.latent_channels, rt.num_frames // rt.temporal_downsample_factor, *latent_hw)
     assert batch.caption.shape == (2, 4, m.caption_max_length, m.caption_channels)
     assert batch.caption_mask.shape == (2, 4, m.caption_max_length)
     # the sampler's caption format: quality and duration tokens in front of the T5 tokens
