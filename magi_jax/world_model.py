@@ -157,7 +157,8 @@ def train_dit(config: MagiConfig, recipe: Recipe, out: Path, work: Path, log) ->
     state = fit(trainer, data, work / "dit_run", recipe.dit_steps, resume=True, log=record)
     merged = trainer.model(state)
     flat = {p: np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(merged))}
-    checkpoint.save(flat, out, "dit", config.to_dict(), overwrite=True)
+    # the checkpoint records the variant's config as shipped, not this run's weight paths
+    checkpoint.save(flat, out, "dit", load_config("tiny").to_dict(), overwrite=True)
     return {"loss_last_100": float(np.mean(losses[-100:])), "seconds": time.perf_counter() - t0}
 
 

@@ -46,15 +46,15 @@ def media(tmp_path_factory):
 
 @pytest.mark.slow
 def test_t2v_command_line(tmp_path):
-    """The README's command, as a user runs it (random TINY weights, a clear note that it is noise)."""
-    out = tmp_path / "fox.mp4"
+    """The README's command, as a user runs it: the bundled model, no note about noise."""
+    out = tmp_path / "ball.mp4"
     run = subprocess.run(
         [
             sys.executable,
             "-m",
             "magi_jax.generate",
             "--prompt",
-            "A red fox in the snow",
+            "a red ball rolls to the right",
             "--output_path",
             str(out),
             *FAST,
@@ -64,9 +64,17 @@ def test_t2v_command_line(tmp_path):
         cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr
-    assert "random weights" in run.stderr and "noise" in run.stderr
+    assert "random weights" not in run.stderr and "magi_jax/assets/tiny/t5" in run.stderr
     assert _probe(out) == (24.0, (32, 32), 16)
-    assert [p.name for p in tmp_path.iterdir()] == ["fox.mp4"], "no temporary file left behind"
+    assert [p.name for p in tmp_path.iterdir()] == ["ball.mp4"], "no temporary file left behind"
+
+
+def test_random_weights_say_so(tmp_path, capsys):
+    assert main(["--random_weights", "--prompt", "p", "--output_path", str(tmp_path / "x.mp4"), *FAST]) == 0
+    assert "random weights" in capsys.readouterr().err
+    released = ["--config_file", "4.5B_distill", "--prompt", "p", "--output_path", str(tmp_path / "y.mp4")]
+    assert main(["--random_weights", *released]) == 2
+    assert "--random_weights runs the tiny variant" in capsys.readouterr().err
 
 
 @pytest.mark.slow
