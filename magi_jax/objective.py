@@ -8,7 +8,8 @@ Conventions (from the inference code, which the technical report leaves implicit
     x <- x + v * (t_next - t) (`sampler.advance`, upstream's `integrate`);
   * times are drawn as u ~ U(0, 1) and warped with the sampler's own schedule (upstream's
     "sd3" transform of u^2 with shift 3, `warp_time`), so training sees noise levels with the
-    density the sampler visits them.
+    density the sampler visits them; optionally (`window_prob`) a clip's times are a moment
+    of the sampler's window instead (`sampler_window_times`).
 
 A training clip of R chunks runs through the DiT once: every chunk gets its own time, the
 times decrease (noise increases) monotonically from the first chunk to the last, as in the
@@ -60,6 +61,9 @@ class ObjectiveConfig:
 
     shift: float = 3.0  # the sd3 warp of the sampler's schedule
     clean_context_prob: float = 0.3  # chance a clip starts with k >= 1 clean context chunks
+    # chance a clip's times are a moment of the sampler's window instead (sampler_window_times)
+    window_prob: float = 0.0
+    window: int = 4  # the sampler's window_size, for window_prob
     caption_dropout: float = 0.1
     kv_span: int | None = None  # chunks a chunk attends to (itself included); None: all earlier
     shortcut: bool = False  # shortcut-distillation loss (distilled models)
@@ -82,8 +86,9 @@ def block_causal_ranges(chunks: int, tokens: int, span: int | None = None) -> np
 
 def sample_chunk_times(key, chunks: int, ocfg: ObjectiveConfig, clean_t: float):
     """Per-chunk (u, t, clean): u decreasing from chunk 0 to R-1 (noise increases with time),
-    t = warp(u), and the leading `clean` chunks at clean_t."""
-    ku, kc, kk = jax.random.split(key, 3)
+    t = warp(u), and the leading `clean` chunks at clean_t. With probability window_prob the
+    times are instead a moment of the sampler's window (sampler_window_times)."""
+    ku, kc, kk, kw, kp = jax.random.split(key, 5)
     u = -jnp.sort(-jax.random.uniform(ku, (chunks,), f32))
     k = jnp.where(
         jax.random.bernoulli(kc, ocfg.clean_context_prob) & (chunks > 1),
@@ -92,8 +97,29 @@ def sample_chunk_times(key, chunks: int, ocfg: ObjectiveConfig, clean_t: float):
     )
     clean = jnp.arange(chunks) < k
     u = jnp.where(clean, 1.0, u)
+    if ocfg.window_prob > 0:
+        wu, wclean = sampler_window_times(kp, chunks, ocfg.window)
+        use = jax.random.bernoulli(kw, ocfg.window_prob)
+        u, clean = jnp.where(use, wu, u), jnp.where(use, wclean, clean)
     t = jnp.where(clean, f32(clean_t), warp_time(u, ocfg.shift))
     return u, t, clean
+
+
+def sampler_window_times(key, chunks: int, window: int):
+    """(u, clean) of a moment the chunk-pipelined sampler passes through: the chunks in its
+    window are staggered by 1/window in u (a chunk enters at u = 0 when the one before it is
+    1/window along, and leaves clean after `window` stages), earlier chunks are clean (in the
+    KV cache), later ones have not started (u = 0). A moment is the newest chunk's index
+    (from 0, the video's first chunk alone in the window, to the last) and the phase within
+    the stage. Sorted uniform times almost never put the first chunks near pure noise, which
+    is where every generation starts."""
+    kn, kph = jax.random.split(key)
+    newest = jax.random.randint(kn, (), 0, chunks)
+    phase = jax.random.uniform(kph, (), f32)
+    age = (newest - jnp.arange(chunks)).astype(f32) + phase  # stages since the chunk entered
+    u = jnp.clip(age / window, 0.0, 1.0)
+    clean = age >= window
+    return jnp.where(clean, 1.0, u), clean
 
 
 def per_frame(v, width: int):

@@ -102,6 +102,12 @@ def read_image(path, width: int, height: int, policy: str = "fit") -> np.ndarray
     return _run_raw(["-i", str(p), "-vf", vf, "-frames:v", "1"], "image", p, height, width)[:1]
 
 
+def read_frames(path, fps: int, width: int, height: int, what: str = "video") -> np.ndarray:
+    """Every frame (T, H, W, 3) uint8 of a video at `fps`, resized to (height, width)."""
+    p = _check_readable(path, what)
+    return _run_raw(["-ss", "0", "-i", str(p), "-vf", f"fps={fps},scale={width}:{height}"], what, p, height, width)
+
+
 def read_video(
     path,
     fps: int,
@@ -113,10 +119,7 @@ def read_video(
 ) -> np.ndarray:
     """Prefix frames (T, H, W, 3) uint8 at `fps`, resized to (height, width) (upstream's cut;
     `from_end`: the last `prefix_frames` frames, to continue the video)."""
-    p = _check_readable(path, "prefix video")
-    video = _run_raw(
-        ["-ss", "0", "-i", str(p), "-vf", f"fps={fps},scale={width}:{height}"], "prefix video", p, height, width
-    )
+    video = read_frames(path, fps, width, height, "prefix video")
     if prefix_frames is not None:
         return video[-prefix_frames:] if from_end else video[:prefix_frames]
     n = video.shape[0]

@@ -57,6 +57,29 @@ def test_times_are_monotone_and_warped_like_the_sampler():
     np.testing.assert_array_equal(block_causal_ranges(3, 5, span=2), [[0, 5], [0, 10], [5, 15]])
 
 
+def test_window_times_are_the_moments_the_sampler_passes_through():
+    """window_prob: the chunks of a clip sit where the sampler's window puts them - staggered by
+    1/window in u, a chunk at u = 0 entering, later ones not started - including the first
+    chunk alone near pure noise, where every generation starts (sorted uniform times put it
+    there about once in 10,000 clips)."""
+    window = CFG.runtime.window_size
+    ocfg = ObjectiveConfig(clean_context_prob=0.0, window_prob=1.0, window=window)
+    first_near_noise = 0
+    for i in range(200):
+        u, t, clean = sample_chunk_times(jax.random.key(i), 6, ocfg, CFG.runtime.clean_t)
+        u, t, clean = np.asarray(u), np.asarray(t), np.asarray(clean)
+        assert np.all(np.diff(t) <= 0), t
+        moving = (u > 0) & (u < 1) & ~clean
+        steps = np.diff(u[moving])
+        np.testing.assert_allclose(steps, -1.0 / window, atol=1e-6)  # staggered by one stage
+        assert np.all(u[clean] == 1.0) and np.all(clean[: int(clean.sum())])  # clean chunks lead
+        first_near_noise += u[0] < 1.0 / window
+    assert first_near_noise > 10
+    sorted_uniform = ObjectiveConfig(clean_context_prob=0.0)
+    firsts = [float(sample_chunk_times(jax.random.key(i), 4, sorted_uniform, 0.9999)[0][0]) for i in range(200)]
+    assert sum(f < 1.0 / window for f in firsts) < 3
+
+
 def test_training_forward_equals_the_kv_cached_sampler_forward():
     """Clean earlier chunks: one block-causal pass over the clip predicts, for the noisy
     chunks, what the sampler computes by caching the clean chunks first and attending to them."""

@@ -20,7 +20,7 @@ from magi_jax.dit_weights import load_dit
 from magi_jax.generate import main
 from magi_jax.pipeline import bundled_weights, with_bundled_weights
 from magi_jax.vae_weights import load_vae
-from magi_jax.video_io import read_video
+from magi_jax.video_io import read_frames
 
 PROMPTS = [
     ("red", "right"),
@@ -38,7 +38,7 @@ def _prompt(colour: str, direction: str) -> str:
 
 
 def _frames(path) -> np.ndarray:
-    return read_video(path, 24, 64, 64, prefix_frames=None)
+    return read_frames(path, 24, 64, 64)
 
 
 def _generate(tmp, name: str, *args) -> np.ndarray:
