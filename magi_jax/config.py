@@ -123,6 +123,8 @@ class RuntimeConfig:
     pad_duration: bool = _ours(True, "prepend the chunks-remaining token (PAD_DURATION; on in run.sh)")
     neg_prompt: bool = _ours(False, "negative special tokens on the null caption (NEG_PROMPT)")
     prev_chunks_scale: float = _ours(0.7, "distill near-clean blend weight (prev_chunks_scale)")
+    # --- ours: upstream hard-codes it (its VAE has 8x8 patches); the tiny variant's VAE has 4x4 ---
+    spatial_downsample_factor: int = _ours(8, "pixels per latent along height and width (the VAE's patch)")
 
 
 @dataclass(frozen=True)

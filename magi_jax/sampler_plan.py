@@ -49,12 +49,14 @@ def layout(config: MagiConfig, prefix_frames: int = 0) -> Layout:
     """
     m, rt = config.model, config.runtime
     problems = []
-    if rt.video_size_h % 16 or rt.video_size_w % 16:
-        h16 = max(16, round(rt.video_size_h / 16) * 16)
-        w16 = max(16, round(rt.video_size_w / 16) * 16)
+    f = rt.spatial_downsample_factor
+    unit = f * m.patch_size  # pixels per DiT token
+    if rt.video_size_h % unit or rt.video_size_w % unit:
+        hu = max(unit, round(rt.video_size_h / unit) * unit)
+        wu = max(unit, round(rt.video_size_w / unit) * unit)
         problems.append(
-            f"video size {rt.video_size_h}x{rt.video_size_w} must be a multiple of 16 (VAE 8x, patch 2); "
-            f"use {h16}x{w16}"
+            f"video size {rt.video_size_h}x{rt.video_size_w} must be a multiple of {unit} "
+            f"(VAE {f}x, patch {m.patch_size}); use {hu}x{wu}"
         )
     if rt.window_size < 1 or rt.num_steps % rt.window_size:
         problems.append(f"num_steps ({rt.num_steps}) must be a multiple of window_size ({rt.window_size})")
@@ -80,7 +82,7 @@ def layout(config: MagiConfig, prefix_frames: int = 0) -> Layout:
         raise ConfigError("; ".join(problems))
     cw = rt.chunk_width
     chunk_num = math.ceil((generated + prefix_frames) / cw)
-    h, w = rt.video_size_h // 8, rt.video_size_w // 8
+    h, w = rt.video_size_h // f, rt.video_size_w // f
     tokens = cw // m.t_patch_size * (h // m.patch_size) * (w // m.patch_size)
     return Layout(chunk_num, prefix_frames // cw, prefix_frames, cw, (m.latent_channels, chunk_num * cw, h, w), tokens)
 
