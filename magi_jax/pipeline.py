@@ -126,18 +126,29 @@ def dit_model(config: MagiConfig, random_weights: bool, source: Path | None, mes
 
 
 def vae_model(config: MagiConfig, random_weights: bool):
-    from magi_jax.vae import WORLD, Vae, VaeModel
+    """The VAE: loaded, or random (the tiny variant's); its patch must be the config's
+    spatial_downsample_factor and its latent channels the DiT's."""
+    from magi_jax.vae import WORLD, Vae, VaeConfigError, VaeModel
     from magi_jax.vae_tiling import TileConfig
     from magi_jax.vae_weights import load_vae
 
-    tiles = TileConfig.for_fps(config.runtime.fps)
-    scale = config.runtime.scale_factor
+    rt = config.runtime
+    tiles = TileConfig.for_fps(rt.fps)
     if random_weights:
         model = random_init(lambda: VaeModel(WORLD, rngs=nnx.Rngs(0)), "vae", WORLD)
-        return Vae(model, scale_factor=scale, tiles=tiles)
-    if not config.runtime.vae_pretrained:
+        vae = Vae(model, scale_factor=rt.scale_factor, tiles=tiles)
+    elif not rt.vae_pretrained:
         raise FileNotFoundError("runtime_config.vae_pretrained is empty; pass --vae_ckpt (the released vae folder)")
-    return load_vae(_prefer_checkpoint(Path(config.runtime.vae_pretrained)), scale_factor=scale, tiles=tiles)
+    else:
+        vae = load_vae(_prefer_checkpoint(Path(rt.vae_pretrained)), scale_factor=rt.scale_factor, tiles=tiles)
+    cfg = vae.model.cfg
+    if cfg.patch_size != rt.spatial_downsample_factor or cfg.z_chans != config.model.latent_channels:
+        raise VaeConfigError(
+            f"the VAE has {cfg.patch_size}x{cfg.patch_size}-pixel patches and {cfg.z_chans} latent channels, "
+            f"the config expects {rt.spatial_downsample_factor} (runtime_config.spatial_downsample_factor) "
+            f"and {config.model.latent_channels}; use the VAE this model was trained with"
+        )
+    return vae
 
 
 def prefix_latents(plan, vae) -> np.ndarray | None:

@@ -255,7 +255,7 @@ class Trainer:
         """Writes the whole train state to `<out>/step_<n>` atomically; keeps the newest few."""
         import orbax.checkpoint as ocp
 
-        out = Path(out)
+        out = Path(out).resolve()  # orbax refuses relative paths (`--out run/` from the command line)
         out.mkdir(parents=True, exist_ok=True)
         step = int(jax.device_get(state.step))
         final = out / f"step_{step:08d}"
@@ -279,7 +279,7 @@ class Trainer:
         """The train state saved at `path` (a step_<n> folder), placed like a fresh one."""
         import orbax.checkpoint as ocp
 
-        path = Path(path)
+        path = Path(path).resolve()
         meta_file = path / STATE_META
         if not meta_file.exists():
             raise TrainError(f"{path} is not a train-state checkpoint (no {STATE_META})")

@@ -183,7 +183,7 @@ def build(out, recipe: Recipe = Recipe(), work=None, log=print) -> dict:
     return report
 
 
-PREVIEW_PROMPT = "a red ball rolls to the right"
+PREVIEW_PROMPT = "a yellow ball moves down"
 
 
 def preview(png, prompt: str = PREVIEW_PROMPT, seed: int = 1, frames: int = 8) -> np.ndarray:

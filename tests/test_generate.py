@@ -54,7 +54,7 @@ def test_t2v_command_line(tmp_path):
             "-m",
             "magi_jax.generate",
             "--prompt",
-            "a red ball rolls to the right",
+            "a yellow ball moves down",
             "--output_path",
             str(out),
             *FAST,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from magi_jax import pipeline
 from magi_jax.compile_cache import CompileStats
 from magi_jax.generate import main, options_from_args, parse_args, resolve
 from magi_jax.pipeline import _pipeline, load_parts, sampler_steps
@@ -264,3 +265,15 @@ def test_a_warm_start_loads_random_weights_without_tracing_their_initialiser(tmp
     finally:
         compile_cache.enable(before or "off")
         compile_cache.forget_programs()
+
+
+def test_a_vae_whose_patch_is_not_the_configs_factor_is_refused():
+    """The sampler lays out latents at spatial_downsample_factor; a VAE with other patches
+    (or other latent channels) would decode a grid the DiT never made."""
+    from magi_jax.config import load_config
+    from magi_jax.vae import VaeConfigError
+
+    tiny = load_config("tiny")
+    assert pipeline.vae_model(tiny, True).model.cfg.patch_size == tiny.runtime.spatial_downsample_factor
+    with pytest.raises(VaeConfigError, match="spatial_downsample_factor"):
+        pipeline.vae_model(tiny.replace(runtime={"spatial_downsample_factor": 8}), True)
