@@ -105,7 +105,11 @@ def _check_prompt_change_keeps_earlier_chunks(ring, lay, calm, new_prompt=STORM)
     started_before = 2 + window  # chunks 0..5 had entered the window when chunk 2 left it
     assert [p for _, _, p in live.asked].index(new_prompt) == started_before
     for i in range(started_before):
-        np.testing.assert_array_equal(changed[i], calm[i], err_msg=f"chunk {i} changed")
+        if new_prompt is STORM:  # the same programs: bit for bit
+            np.testing.assert_array_equal(changed[i], calm[i], err_msg=f"chunk {i} changed")
+        else:  # a longer caption bucket compiles other shapes, summed in another order by XLA
+            scale = np.abs(calm[i]).max()
+            np.testing.assert_allclose(changed[i], calm[i], rtol=0, atol=1e-6 * scale, err_msg=f"chunk {i} changed")
     assert all(np.abs(changed[i] - calm[i]).max() > 1e-4 for i in range(started_before, lay.chunk_num))
 
 

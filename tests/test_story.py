@@ -25,12 +25,12 @@ def test_story_far_past_the_config_then_extended(tmp_path):
     continuation's input, so two command runs cover both."""
     first = tmp_path / "story.mp4"
     story = ["a cat sleeps on a sofa", "2s: the cat wakes up and stretches", "4s: it jumps down"]
-    argv = [a for p in story for a in ("--prompt", p)]
+    argv = ["--random_weights", *(a for p in story for a in ("--prompt", p))]  # noise-like frames: see below
     assert main([*argv, "--num_frames", "128", "--output_path", str(first), *FAST]) == 0
     fps, before = _frames(first)
     assert fps == 24 and before.shape == (128, 32, 32, 3)
     more = tmp_path / "more.mp4"
-    argv = ["--mode", "v2v", "--prefix_video_path", str(first), "--extend", "--prefix_frames", "8"]
+    argv = ["--random_weights", "--mode", "v2v", "--prefix_video_path", str(first), "--extend", "--prefix_frames", "8"]
     assert (
         main([*argv, "--prompt", "the cat sleeps again", "--num_frames", "16", "--output_path", str(more), *FAST]) == 0
     )
@@ -46,7 +46,7 @@ def test_story_file_and_duration_resolve(tmp_path):
     """The same story from a file resolves to the flags' timeline; --duration sets the frames."""
     out = tmp_path / "story.mp4"
     story = ["a cat sleeps on a sofa", "0.4s: the cat wakes up and stretches", "0.8s: it jumps down"]
-    argv = [a for p in story for a in ("--prompt", p)]
+    argv = ["--random_weights", *(a for p in story for a in ("--prompt", p))]  # noise-like frames: see below
     (tmp_path / "story.txt").write_text("\n".join(["0s: " + story[0], *story[1:]]) + "\n")
     from_file = resolve(parse_args(["--prompt_file", str(tmp_path / "story.txt"), "--output_path", str(out)]))
     from_flags = resolve(parse_args([*argv, "--duration", "1s", "--output_path", str(out)]))
