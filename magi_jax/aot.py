@@ -455,7 +455,7 @@ def check(
 
 
 def main(argv=None) -> int:
-    from magi_jax.config import VARIANTS
+    from magi_jax.config import VARIANTS, ConfigError, parse_size
 
     ap = argparse.ArgumentParser(
         prog="python -m magi_jax.aot",
@@ -492,10 +492,9 @@ def main(argv=None) -> int:
     size = None
     if args.size:
         try:
-            size = tuple(int(v) for v in args.size.lower().split("x"))
-            assert len(size) == 2
-        except (ValueError, AssertionError):
-            ap.error(f"--size {args.size!r}: write HxW, e.g. 720x1280")
+            size = parse_size(args.size)
+        except ConfigError as e:
+            ap.error(str(e))
     programs = tuple(p.strip() for p in args.programs.split(",") if p.strip())
     records = []
     try:

@@ -126,6 +126,12 @@ class RuntimeConfig:
     # --- ours: upstream hard-codes it (its VAE has 8x8 patches); the tiny variant's VAE has 4x4 ---
     spatial_downsample_factor: int = _ours(8, "pixels per latent along height and width (the VAE's patch)")
 
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """The latent grid's (height, width) of a frame at video_size_h x video_size_w."""
+        f = self.spatial_downsample_factor
+        return self.video_size_h // f, self.video_size_w // f
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -319,6 +325,15 @@ def validate(cfg: MagiConfig, source: str = "config"):
         )
     if not math.isfinite(r.prev_chunks_scale):
         raise ConfigError(f"{source}: runtime_config.prev_chunks_scale must be a finite number")
+
+
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """A command line's HEIGHTxWIDTH -> (height, width); ConfigError naming the flag otherwise."""
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not HEIGHTxWIDTH (e.g. 720x1280)") from None
+    return h, w
 
 
 def load_config(name_or_path: str | os.PathLike) -> MagiConfig:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from magi_jax.config import ConfigError, MagiConfig, load_config
+from magi_jax.config import ConfigError, MagiConfig, load_config, parse_size
 
 MODES = ("t2v", "i2v", "v2v")
 
@@ -157,14 +157,6 @@ class Plan:
     keep_video: Path | None = None  # --extend: the video whose frames open the output
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--size {text!r} is not HEIGHTxWIDTH (e.g. 720x1280)") from None
-    return h, w
-
-
 def resolve(args: argparse.Namespace) -> Plan:
     """Checks every input; raises UsageError / ConfigError / MediaError with the fix."""
     from magi_jax import timeline
@@ -184,18 +176,13 @@ def resolve(args: argparse.Namespace) -> Plan:
     if args.mode == "v2v" and not args.prefix_video_path:
         raise UsageError("--mode v2v needs --prefix_video_path (the video to continue)")
 
-    from magi_jax.pipeline import bundled_weights, with_bundled_weights
+    from magi_jax.pipeline import default_weights
 
-    given = [flag for flag in ("dit_ckpt", "vae_ckpt", "t5_ckpt") if getattr(args, flag)]
-    tiny = args.config_file in (None, "tiny")
-    if args.random_weights and (given or not tiny):
+    given = any(getattr(args, flag) for flag in ("dit_ckpt", "vae_ckpt", "t5_ckpt"))
+    if args.random_weights and (given or args.config_file not in (None, "tiny")):
         raise UsageError("--random_weights runs the tiny variant: leave out --config_file and the --*_ckpt flags")
     config = load_config(args.config_file or "tiny").apply_env()
-    # no weights named: the tiny variant runs the bundled model when the package has it
-    bundle = bundled_weights() if tiny and not given and not args.random_weights else None
-    if bundle is not None:
-        config = with_bundled_weights(config, bundle)
-    random_weights = args.random_weights or (args.config_file is None and bundle is None and not given)
+    config, random_weights = default_weights(config, args.config_file, given, args.random_weights)
     runtime = {}
     if args.seed is not None:
         runtime["seed"] = args.seed
@@ -213,7 +200,7 @@ def resolve(args: argparse.Namespace) -> Plan:
             timeline.parse_duration(args.duration), fps, config.runtime.temporal_downsample_factor
         )
     if args.size is not None:
-        runtime["video_size_h"], runtime["video_size_w"] = _size(args.size)
+        runtime["video_size_h"], runtime["video_size_w"] = parse_size(args.size)
     for flag, field in (("dit_ckpt", "load"), ("vae_ckpt", "vae_pretrained"), ("t5_ckpt", "t5_pretrained")):
         if getattr(args, flag):
             runtime[field] = getattr(args, flag)

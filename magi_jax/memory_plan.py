@@ -287,7 +287,7 @@ def plan_training_memory(
     trainable = count * (master * 2 + 4 * 2 if master == 4 else master * 4)
 
     c = m.latent_channels
-    hh, ww = rt.video_size_h // rt.spatial_downsample_factor, rt.video_size_w // rt.spatial_downsample_factor
+    hh, ww = rt.latent_hw
     frames = chunks * rt.chunk_width
     n = rt.chunk_width // m.t_patch_size * (hh // m.patch_size) * (ww // m.patch_size)
     s = chunks * n // sizes["seq"]
@@ -328,7 +328,7 @@ def compiled_train_memory(config: MagiConfig, chunks: int, lora=None, master_dty
     trainer = Trainer(DiT(m, distill=config.engine.distill, rngs=nnx.Rngs(0)), config, tcfg)
     sds = jax.ShapeDtypeStruct
     state = jax.eval_shape(trainer.init_state)
-    hh, ww = rt.video_size_h // rt.spatial_downsample_factor, rt.video_size_w // rt.spatial_downsample_factor
+    hh, ww = rt.latent_hw
     length = m.caption_max_length
     batch = Clip(
         sds((1, m.latent_channels, chunks * rt.chunk_width, hh, ww), jnp.float32),

@@ -62,6 +62,17 @@ def bundled_weights() -> Path | None:
     return BUNDLE if all(is_checkpoint(BUNDLE / p) for p in BUNDLE_PARTS) else None
 
 
+def default_weights(config: MagiConfig, config_file, named: bool, random: bool = False) -> tuple[MagiConfig, bool]:
+    """(config, random_weights) by the commands' one rule: with no weights `named`, the tiny
+    variant (`config_file` None or "tiny") reads the bundled weights when the package has them;
+    `random` (or no config and no bundle) gives random ones."""
+    tiny = config_file in (None, "tiny")
+    bundle = bundled_weights() if tiny and not named and not random else None
+    if bundle is not None:
+        return with_bundled_weights(config, bundle), False
+    return config, random or (config_file is None and not named)
+
+
 def with_bundled_weights(config: MagiConfig, folder: Path) -> MagiConfig:
     """`config` reading its DiT, VAE and T5 from a bundle folder (t5/, vae/, dit/)."""
     paths = {"load": folder / "dit", "vae_pretrained": folder / "vae", "t5_pretrained": folder / "t5"}

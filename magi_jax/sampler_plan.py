@@ -82,7 +82,7 @@ def layout(config: MagiConfig, prefix_frames: int = 0) -> Layout:
         raise ConfigError("; ".join(problems))
     cw = rt.chunk_width
     chunk_num = math.ceil((generated + prefix_frames) / cw)
-    h, w = rt.video_size_h // f, rt.video_size_w // f
+    h, w = rt.latent_hw
     tokens = cw // m.t_patch_size * (h // m.patch_size) * (w // m.patch_size)
     return Layout(chunk_num, prefix_frames // cw, prefix_frames, cw, (m.latent_channels, chunk_num * cw, h, w), tokens)
 

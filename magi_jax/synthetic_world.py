@@ -255,9 +255,11 @@ def describe(frames: np.ndarray, lead: int | None = None) -> tuple[str | None, s
 
 def size_arg(text: str) -> tuple[int, int]:
     """argparse type of a --size in the project's HEIGHTxWIDTH form -> (width, height)."""
+    from magi_jax.config import ConfigError, parse_size
+
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
+        h, w = parse_size(text)
+    except ConfigError:
         raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH (e.g. 64x96)") from None
     return w, h
 

@@ -223,12 +223,13 @@ def main(argv=None) -> int:
     ap.add_argument("--vae_ckpt", default=None)
     ap.add_argument("--t5_ckpt", default=None)
     ap.add_argument("--num_frames", type=int, default=None, help="frames per clip (a multiple of 4 * chunk_width)")
-    ap.add_argument("--size", default=None, help="HEIGHTxWIDTH, multiples of 16")
+    ap.add_argument("--size", default=None, help="HEIGHTxWIDTH, multiples of the VAE factor x the DiT patch (16)")
     ap.add_argument("--fps", type=int, default=None)
     args = ap.parse_args(argv)
 
-    from magi_jax.config import ConfigError, load_config
-    from magi_jax.pipeline import text_encoder, vae_model
+    from magi_jax.config import ConfigError, load_config, parse_size
+    from magi_jax.pipeline import default_weights, text_encoder, vae_model
+    from magi_jax.sampler_plan import layout
 
     try:
         config = load_config(args.config_file or "tiny")
@@ -238,10 +239,7 @@ def main(argv=None) -> int:
         if args.fps:
             runtime["fps"] = args.fps
         if args.size:
-            try:
-                runtime["video_size_h"], runtime["video_size_w"] = (int(v) for v in args.size.lower().split("x"))
-            except ValueError:
-                raise DataError(f"--size {args.size!r} is not HEIGHTxWIDTH") from None
+            runtime["video_size_h"], runtime["video_size_w"] = parse_size(args.size)
         if args.vae_ckpt:
             runtime["vae_pretrained"] = args.vae_ckpt
         if args.t5_ckpt:
@@ -249,10 +247,12 @@ def main(argv=None) -> int:
         config = config.replace(runtime=runtime)
         rt = config.runtime
         step = rt.chunk_width * rt.temporal_downsample_factor
-        if rt.num_frames % step or rt.video_size_h % 16 or rt.video_size_w % 16:
-            raise DataError(f"--num_frames must be a multiple of {step} and --size multiples of 16")
+        layout(config)  # the sampler's size rules (VAE factor x patch), with the size to use
+        if rt.num_frames % step:
+            raise DataError(f"--num_frames must be a multiple of {step} (whole chunks)")
         sources = find_sources(args.videos)
-        random = not (args.vae_ckpt or args.t5_ckpt or args.config_file)
+        # the generate command's rule: the tiny variant encodes with its bundled VAE and T5
+        config, random = default_weights(config, args.config_file, bool(args.vae_ckpt or args.t5_ckpt))
         if random:
             print("note: no weights given - tiny random VAE and T5 (a smoke test)", file=sys.stderr)
         vae = vae_model(config, random)

@@ -30,6 +30,7 @@ The intermediate dataset and train states go to `--work` (default: a temporary f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -171,8 +172,9 @@ def build(out, recipe: Recipe = Recipe(), work=None, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config = with_bundled_weights(load_config("tiny"), out)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="magi_world_") as tmp:
-        work = Path(work) if work else Path(tmp)
+    scratch = contextlib.nullcontext(work) if work else tempfile.TemporaryDirectory(prefix="magi_world_")
+    with scratch as folder:
+        work = Path(folder)
         work.mkdir(parents=True, exist_ok=True)
         train_t5(config, out / "t5", recipe.seed)
         report = {"recipe": dataclasses.asdict(recipe), "jax": jax.__version__, "device": jax.devices()[0].device_kind}

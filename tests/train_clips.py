@@ -17,7 +17,7 @@ def blob_latents(config: MagiConfig, angle: float, offset=(0.0, 0.0), speed: flo
     """(C, T, h, w) float32: a blob starting near the centre (+offset), moving along `angle`."""
     m, rt = config.model, config.runtime
     frames = rt.num_frames // rt.temporal_downsample_factor
-    h, w = rt.video_size_h // rt.spatial_downsample_factor, rt.video_size_w // rt.spatial_downsample_factor
+    h, w = rt.latent_hw
     t = np.arange(frames)[:, None, None]
     y, x = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
     cy = (h - 1) / 2 + offset[0] + speed * t * np.sin(angle)
