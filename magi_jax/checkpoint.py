@@ -151,12 +151,7 @@ def restore(path: str | os.PathLike, expected: dict, model: str, shardings: dict
     for p, s in expected.items():
         sharding = shardings[p] if shardings else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target[p] = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
-    # Each process reads its own shards of a folder nobody writes to, so no process waits for
-    # another: orbax's default waits at a barrier of all processes that it runs as an XLA
-    # collective over every device, which XLA:CPU processes cannot run (a multi-process run
-    # on CPU hung there until the coordinator timed out).
-    alone = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
-    with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
+    with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path / PARAMS)
         stored_tree = getattr(stored, "item_metadata", stored)
         problems = []

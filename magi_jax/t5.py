@@ -400,7 +400,7 @@ def load_text_encoder(path, dtype=jnp.float32, placement=None) -> TextEncoder:
             where = None if placement is None else t5_shardings(abstract, placement)
             arrays = checkpoint.restore(path, expected, "t5", where)
             return TextEncoder(build_model(abstract, arrays), tokenizer, placement)
-        host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])  # converted there, then placed
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # converted here, then placed
         arrays = checkpoint.restore(path, expected, "t5", dict.fromkeys(expected, host))
         arrays = {p: np.asarray(a).astype(dtype) for p, a in arrays.items()}
     else:

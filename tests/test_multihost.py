@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 HELPER = Path(__file__).parent / "helpers" / "generate_frames.py"
-# the bundled weights, as a user's first run reads them (each process restores them alone)
-ARGS = ["--prompt", "a red ball rolls to the right", "--num_frames", "16", "--num_steps", "4", "--compilation_cache", "off"]
+# the bundled weights, as a user's first run reads them: each process reads the T5 onto its own
+# host (it read it onto jax.devices("cpu")[0], process 0's, and failed there)
+ARGS = ["--prompt", "a red ball moves up", "--num_frames", "16", "--num_steps", "4", "--compilation_cache", "off"]
 
 
 def _free_port() -> int:
