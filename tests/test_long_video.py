@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_timeline import TABLE, fake_encoder
+from train_clips import mechanics_config
 
 from magi_jax.attention import CAPTION_MULTIPLE
-from magi_jax.config import load_config
 from magi_jax.dit import DiT
 from magi_jax.sampler import WHOLE_DRAW_MAX_CHUNKS, Sampler, _CaptionFeed
 from magi_jax.sampler_plan import cache_rows, latent_slots, layout
@@ -15,7 +15,7 @@ from magi_jax.timeline import ChunkCaptions
 # 96 frames = 24 latent frames = 12 chunks: past the TINY ring (4 chunks of reach + a window of 4);
 # 4 steps (one per stage): the programs and the ring's wrap are those of 8, at half the run time
 # captions of 96 tokens (TINY: 64): room for a prompt past the null caption's bucket (GALE)
-LONG = load_config("tiny").replace(
+LONG = mechanics_config(
     model=dict(caption_max_length=96), runtime=dict(num_frames=96, video_size_h=32, video_size_w=32, num_steps=4)
 )
 NULL = np.random.default_rng(7).standard_normal((1, 96, LONG.model.caption_channels)).astype(np.float32)

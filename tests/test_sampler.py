@@ -3,13 +3,14 @@
 import numpy as np
 import pytest
 from flax import nnx
+from train_clips import mechanics_config
 
-from magi_jax.config import ConfigError, load_config
+from magi_jax.config import ConfigError
 from magi_jax.dit import DiT
 from magi_jax.sampler import Sampler
 from magi_jax.sampler_plan import layout, plan
 
-CFG = load_config("tiny").replace(runtime=dict(num_frames=24, video_size_h=32, video_size_w=32))
+CFG = mechanics_config(runtime=dict(num_frames=24, video_size_h=32, video_size_w=32))
 
 
 @pytest.fixture(scope="module")

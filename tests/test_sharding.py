@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from train_clips import mechanics_config
 
 from magi_jax import checkpoint, sharding
 from magi_jax.config import load_config
@@ -41,9 +42,7 @@ def eight_devices(tmp_path_factory):
     The parameters are checked as load_dit restores them from a converted checkpoint and as
     build_dit places converted host arrays, before the sampler could move them.
     """
-    cfg = load_config("tiny").replace(
-        runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=32, video_size_w=32)
-    )
+    cfg = mechanics_config(runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=32, video_size_w=32))
     m = cfg.model
     rng = np.random.default_rng(0)
     sampler = Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg)
@@ -107,7 +106,7 @@ def test_a_layer_reads_its_own_cache_rows_not_a_gathered_cache():
     from magi_jax import aot
     from magi_jax.sampler_plan import cache_rows, layout
 
-    cfg = load_config("tiny").replace(
+    cfg = mechanics_config(
         model=dict(num_layers=3),
         runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=64, video_size_w=64),
     )
@@ -126,9 +125,7 @@ def test_tokens_the_mesh_does_not_divide_are_split_and_equal_one_device():
     """80x80: 50 tokens a chunk, so no window's tokens divide `seq=8`. They are split unevenly
     (XLA pads and masks the remainder) rather than run whole on every device, and the
     latents equal the single-device run's."""
-    cfg = load_config("tiny").replace(
-        runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=80, video_size_w=80)
-    )
+    cfg = mechanics_config(runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=80, video_size_w=80))
     m = cfg.model
     one = Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg)
     lay = one.layout()

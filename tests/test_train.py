@@ -11,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from train_clips import blob_latents, clips
+from train_clips import blob_latents, clips, mechanics_config
 
 from magi_jax import compile_cache, sharding
-from magi_jax.config import load_config
 from magi_jax.dit import DiT
 from magi_jax.forward_call import Captions, ForwardCall, Rows, Window
 from magi_jax.kv_cache import KVCache
@@ -32,7 +31,7 @@ from magi_jax.objective import (
 from magi_jax.schedule import init_t
 from magi_jax.train import TrainConfig, Trainer, TrainError, checkpoints
 
-CFG = load_config("tiny")
+CFG = mechanics_config()
 STEADY = ObjectiveConfig(caption_dropout=0.0, clean_context_prob=0.0)
 
 
@@ -202,7 +201,7 @@ def test_shortcut_target_is_two_half_steps_without_gradient():
     """Shortcut distillation: at the finest step count the target is the flow-matching
     velocity; at a coarser one it is the model's own two half steps, and no gradient flows
     through it (the gradient equals that of the prediction against a constant target)."""
-    cfg = load_config("tiny").replace(engine=dict(distill=True), runtime=dict(cfg_number=1))
+    cfg = mechanics_config(engine=dict(distill=True), runtime=dict(cfg_number=1))
     model = DiT(cfg.model, distill=True, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     clip = jax.tree.map(lambda a: a[0], _batch(1))

@@ -63,3 +63,17 @@ def sampling_captions(config: MagiConfig, model, seed: int):
     null = np.asarray(model.y_embedder.null_caption[...], np.float32)[None]
     table = token_table(channels=m.caption_channels)
     return sampler_captions(emb, mask, null, lay.chunk_num, 0, config.runtime, table, max_len=m.caption_max_length)
+
+
+# The tiny variant's geometry (patch, latent channels, latent grid: what its VAE and sampler
+# lay out) at the width it had before it became the bundled model. Tests of training,
+# sampling and sharding mechanics need no capacity; at this width they run at about an
+# eighth of the bundled DiT's FLOPs.
+MECHANICS = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, kv_channels=16)
+
+
+def mechanics_config(model=None, **sections) -> MagiConfig:
+    """load_config("tiny") at the MECHANICS width, with `model` fields and other sections changed."""
+    from magi_jax.config import load_config
+
+    return load_config("tiny").replace(model={**MECHANICS, **(model or {})}, **sections)
