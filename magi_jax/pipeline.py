@@ -117,8 +117,7 @@ def text_encoder(config: MagiConfig, random_weights: bool, mesh=None):
         return t5.TextEncoder(model, t5.Tokenizer(ASSETS / "tiny_spiece.model"))
     if not config.runtime.t5_pretrained:
         raise FileNotFoundError("runtime_config.t5_pretrained is empty; pass --t5_ckpt (the folder with t5-v1_1-xxl)")
-    # this process's own host (on a pod, jax.devices("cpu")[0] is process 0's)
-    placement = jax.local_devices(backend="cpu")[0] if config.runtime.t5_device == "cpu" else mesh
+    placement = t5.host_device() if config.runtime.t5_device == "cpu" else mesh
     return t5.load_text_encoder(_prefer_checkpoint(Path(config.runtime.t5_pretrained)), jnp.float32, placement)
 
 

@@ -382,6 +382,12 @@ def weights_source(folder: Path) -> Path:
     raise FileNotFoundError(f"{folder}: no T5 weights (model.safetensors, a sharded index or pytorch_model*.bin)")
 
 
+def host_device():
+    """This process's host CPU, where the T5 is read and converted (on a pod,
+    jax.devices("cpu")[0] is process 0's, which no other process can address)."""
+    return jax.local_devices(backend="cpu")[0]
+
+
 def load_text_encoder(path, dtype=jnp.float32, placement=None) -> TextEncoder:
     """MAGI-1's text encoder from upstream's t5_pretrained folder (or the t5-v1_1-xxl folder in
     it), or from a magi-jax checkpoint of it; MAGI-1 runs the encoder in float32. The weights
@@ -400,7 +406,7 @@ def load_text_encoder(path, dtype=jnp.float32, placement=None) -> TextEncoder:
             where = None if placement is None else t5_shardings(abstract, placement)
             arrays = checkpoint.restore(path, expected, "t5", where)
             return TextEncoder(build_model(abstract, arrays), tokenizer, placement)
-        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # converted here, then placed
+        host = jax.sharding.SingleDeviceSharding(host_device())  # converted here, then placed
         arrays = checkpoint.restore(path, expected, "t5", dict.fromkeys(expected, host))
         arrays = {p: np.asarray(a).astype(dtype) for p, a in arrays.items()}
     else:
