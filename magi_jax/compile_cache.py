@@ -135,12 +135,24 @@ class CompileStats:
 _lock = threading.Lock()
 _active: list[CompileStats] = []
 _listening = False
-_tls = threading.local()  # per thread: did the compile in progress hit the cache?
+_tls = threading.local()  # per thread: did the compile in progress (`hit`) / the last one (`served`) hit the cache?
 
 
 def _on_event(event: str, **_):
     if event == _HIT:
-        _tls.hit = True
+        _tls.hit = _tls.served = True
+
+
+def _listen():
+    """Adds this module's listeners to JAX's monitoring (process-wide; once)."""
+    global _listening
+    import jax
+
+    with _lock:
+        if not _listening:
+            jax.monitoring.register_event_listener(_on_event)
+            jax.monitoring.register_event_duration_secs_listener(_on_duration)
+            _listening = True
 
 
 def _on_duration(event: str, seconds: float, **kw):
@@ -167,14 +179,8 @@ class recording:
         self.stats = CompileStats()
 
     def __enter__(self) -> CompileStats:
-        global _listening
-        import jax
-
+        _listen()
         with _lock:
-            if not _listening:
-                jax.monitoring.register_event_listener(_on_event)
-                jax.monitoring.register_event_duration_secs_listener(_on_duration)
-                _listening = True
             _active.append(self.stats)
         return self.stats
 
@@ -454,10 +460,20 @@ class SavedProgram:
                 )
             except Exception as e:  # a stale or broken file: compile again and replace it
                 print(f"warning: ignoring saved program {path.name}: {e}", file=sys.stderr)
+                path.unlink(missing_ok=True)  # (not replaced when JAX's cache serves the program)
             else:
                 _record_load(self.name, start, time.perf_counter())
                 return compiled
+        _listen()
+        _tls.served = False
         compiled = compile_with(self.jitted.lower(*args), {**self.options, **program_options(args)})
+        if getattr(_tls, "served", False):
+            # JAX's cache had it (our file was missing: a new release whose programs did not
+            # change). Not saved from this copy: XLA:CPU serializes a deserialized executable
+            # without part of its machine code, and the process loading that file would fail
+            # at its first call ("Function ... not found"). Later processes load it from JAX's
+            # cache in the same way (traced and lowered, not compiled).
+            return compiled
         self.compiled += 1
         if path is None:
             return compiled
@@ -471,6 +487,21 @@ class SavedProgram:
         except Exception as e:  # a full disk or an executable that cannot be serialized
             print(f"warning: could not save program {self.name}: {e}", file=sys.stderr)
         return compiled
+
+
+def broken_program_hint(error: BaseException, cache_dir: Path | None) -> str | None:
+    """What to tell the user when a program read from the compilation cache cannot run:
+    XLA:CPU's "Function <kernel> not found" means an executable was stored without part of its
+    machine code (see SavedProgram._load_or_compile). None for any other error."""
+    import re
+
+    found = re.search(r"Function \S+ not found", str(error))
+    if cache_dir is None or found is None:
+        return None
+    return (
+        f"a compiled program in the compilation cache {cache_dir} is incomplete ({found.group(0)}); "
+        f"delete that folder, or run with --compilation_cache off"
+    )
 
 
 def _record_load(name: str, start: float, end: float):

@@ -325,7 +325,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     from magi_jax import compile_cache
 
-    compile_cache.enable(args.compilation_cache)  # before anything compiles
+    cache_dir = compile_cache.enable(args.compilation_cache)  # before anything compiles
     from magi_jax.pipeline import run
 
     try:
@@ -342,6 +342,12 @@ def _main(argv=None) -> int:
         return 2
     except NonFiniteError as e:
         print(f"error: {e}; no video written", file=sys.stderr)
+        return 1
+    except Exception as e:
+        hint = compile_cache.broken_program_hint(e, cache_dir)
+        if hint is None:
+            raise
+        print(f"error: {hint}; no video written", file=sys.stderr)
         return 1
     return 0
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import imageio.v3 as iio
+import jax
 import imageio_ffmpeg
 import numpy as np
 import pytest
@@ -213,3 +214,23 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main(["--prompt", "p", "--output_path", str(tmp_path / "x.mp4"), *FAST])
     assert calls and list(tmp_path.iterdir()) == []
+
+
+def test_a_broken_cached_program_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """XLA:CPU's "Function <kernel> not found" from a program read from the compilation cache
+    names the folder and the way out, not a traceback."""
+    from magi_jax import compile_cache, pipeline
+
+    def incomplete_program(plan, options):
+        raise jax.errors.JaxRuntimeError("NOT_FOUND: Function broadcast_select_fusion not found (type id: 1)")
+
+    monkeypatch.setattr(pipeline, "run", incomplete_program)
+    cache = tmp_path / "cache"
+    args = ["--prompt", "p", "--output_path", str(tmp_path / "x.mp4"), "--compilation_cache", str(cache)]
+    try:
+        assert main(args) == 1
+    finally:
+        compile_cache.enable("off")  # as the session runs (conftest)
+    err = capsys.readouterr().err
+    assert f"compilation cache {cache} is incomplete" in err and "--compilation_cache off" in err
+    assert "Traceback" not in err and not (tmp_path / "x.mp4").exists()

@@ -74,11 +74,34 @@ def test_a_broken_file_is_compiled_again(cache_dir, capsys):
     _program(traces, 2.0)(x, 3, jnp.asarray(y))
     (saved,) = (cache_dir / "executables").iterdir()
     saved.write_bytes(b"not an executable")
+    for entry in cache_dir.glob("jit_*"):  # JAX's own entry too: XLA compiles the program again
+        entry.unlink()
     compile_cache.forget_programs()
+    jax.clear_caches()
     got = _program(traces, 2.0)(x, 3, jnp.asarray(y))["out"]
     assert len(traces) == 2 and "ignoring saved program" in capsys.readouterr().err
     np.testing.assert_array_equal(np.asarray(got), x**3 * 2 + y)
     assert saved.read_bytes() != b"not an executable", "replaced by the new executable"
+
+
+def test_a_program_jaxs_cache_served_is_never_saved_from_that_copy(cache_dir):
+    """XLA:CPU serializes an executable it deserialized without part of its machine code, and
+    a process that loads such a copy fails at its first call ("Function ... not found"). Our
+    file gone but JAX's cache entry there (a new release of this package whose programs did
+    not change): the program JAX's cache serves runs, and the next process still runs it."""
+    x, y = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32)
+    traces = []
+    _program(traces, 2.0)(x, 3, jnp.asarray(y))  # compiled: our file and JAX's entry written
+    for saved in (cache_dir / "executables").iterdir():
+        saved.unlink()
+    for _ in range(2):  # the process JAX's cache serves, then a later one
+        compile_cache.forget_programs()
+        jax.clear_caches()
+        device_y = jnp.asarray(y)
+        with compile_cache.recording() as stats:
+            got = _program(traces, 2.0)(x, 3, device_y)["out"]
+        assert stats.compiled == [], "from a cache, not compiled"
+        np.testing.assert_array_equal(np.asarray(got), x**3 * 2 + y)
 
 
 def test_cache_off_is_a_plain_jit(tmp_path):
