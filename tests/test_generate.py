@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import imageio.v3 as iio
-import jax
 import imageio_ffmpeg
+import jax
 import numpy as np
 import pytest
 
