@@ -57,32 +57,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 os.environ["MAGI_JAX_CACHE_DIR"] = "off"
 
 
-# ---------------------------------------------------------------- scheduling
-# `--dist loadscope` (pyproject addopts) runs each module on one worker, so a module-scoped
-# fixture (a trained model, a sampler run, generated clips) is built once, not once per worker
-# as when a module's tests are split. Modules start longest first (seconds each took in a
-# full run, 2 AMD EPYC cores, 2026-12-02), so the last to start are short and both workers
-# finish together; a module not listed starts last.
-MODULE_SECONDS = {
-    "test_sampler_parity.py": 425,
-    "test_train.py": 237,
-    "test_world_model.py": 210,
-    "test_sharding.py": 152,
-    "test_notebooks.py": 147,
-    "test_memory_plan.py": 135,
-    "test_lora.py": 134,
-    "test_generate.py": 115,
-    "test_long_video.py": 97,
-    "test_story.py": 93,
-    "test_dit_parity.py": 83,
-    "test_multihost.py": 71,
-}
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0.0))  # stable: in-module order kept
-
-
 # ---------------------------------------------------------------- parity report
 # Every parity comparison (tests/parity.py `record`) rides on its test's report, so the
 # summary also works under pytest-xdist, where tests run in worker processes.
