@@ -50,11 +50,38 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# Tests never read or write the user's compilation cache (the cache tests pass their own
-# folder). A session-wide cache shared by the workers cut the summed test time by 14%, but it
-# was backed out with the crashes XLA had in full runs of the issue 13 merge (see .wip/): a
-# suite that compiles everything is the simpler thing to debug them in.
-os.environ["MAGI_JAX_CACHE_DIR"] = "off"
+# ---------------------------------------------------------------- compilation cache
+# Tests never read or write the user's compilation cache. They share one of their own, new
+# for each session and removed after it: the xdist workers, and the generate commands they
+# run, compile a program once (most TINY runs are the same few programs). The cache tests
+# pass their own folder. The folder is named after xdist's run id, which the controller picks
+# here and hands to its workers. (A segfault in an executable's serialization once took this
+# out: SavedProgram then re-serialized executables JAX's cache had served, which XLA:CPU does
+# without part of their machine code; it no longer does.)
+
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import uuid  # noqa: E402
+
+SESSION_CACHE: Path | None = None
+
+
+def pytest_configure(config):
+    global SESSION_CACHE
+    from magi_jax import compile_cache
+
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # in a worker: the controller's id
+    if run is None:  # the controller, or a session without workers
+        run = config.option.testrunuid = getattr(config.option, "testrunuid", None) or uuid.uuid4().hex
+    SESSION_CACHE = Path(tempfile.gettempdir()) / f"magi-jax-tests-{run}"
+    SESSION_CACHE.mkdir(mode=0o700, exist_ok=True)
+    os.environ["MAGI_JAX_CACHE_DIR"] = str(SESSION_CACHE)
+    compile_cache.enable()
+
+
+def pytest_sessionfinish(session):
+    if SESSION_CACHE is not None and not hasattr(session.config, "workerinput"):  # the controller
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- parity report

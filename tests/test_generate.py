@@ -225,12 +225,12 @@ def test_a_broken_cached_program_is_one_clear_error(tmp_path, monkeypatch, capsy
         raise jax.errors.JaxRuntimeError("NOT_FOUND: Function broadcast_select_fusion not found (type id: 1)")
 
     monkeypatch.setattr(pipeline, "run", incomplete_program)
-    cache = tmp_path / "cache"
+    cache, before = tmp_path / "cache", jax.config.jax_compilation_cache_dir
     args = ["--prompt", "p", "--output_path", str(tmp_path / "x.mp4"), "--compilation_cache", str(cache)]
     try:
         assert main(args) == 1
     finally:
-        compile_cache.enable("off")  # as the session runs (conftest)
+        compile_cache.enable(before or "off")  # the session's cache (conftest)
     err = capsys.readouterr().err
     assert f"compilation cache {cache} is incomplete" in err and "--compilation_cache off" in err
     assert "Traceback" not in err and not (tmp_path / "x.mp4").exists()
