@@ -79,8 +79,8 @@ def pytest_configure(config):
     compile_cache.enable()
 
 
-def pytest_sessionfinish(session):
-    if SESSION_CACHE is not None and not hasattr(session.config, "workerinput"):  # the controller
+def pytest_unconfigure(config):  # after every worker has stopped (not at sessionfinish: one may still write)
+    if SESSION_CACHE is not None and not hasattr(config, "workerinput"):  # the controller
         shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 

@@ -23,6 +23,15 @@ def cache_dir(tmp_path):
     compile_cache.enable(before or "off")
 
 
+@pytest.fixture
+def cache_off():
+    """No cache on disk (the session's is on): what a process compiles is all it has."""
+    before = jax.config.jax_compilation_cache_dir
+    compile_cache.enable("off")
+    yield
+    compile_cache.enable(before or "off")
+
+
 def _program(traces: list, scale: float):
     def f(x, power, y):
         traces.append(1)  # runs only while tracing
@@ -154,7 +163,7 @@ def test_programs_are_shared_in_the_process_with_the_cache_off():
 
 
 @pytest.mark.parametrize("setting", ["attention implementation", "matmul precision"])
-def test_settings_that_change_tracing_make_a_new_program(setting):
+def test_settings_that_change_tracing_make_a_new_program(setting, cache_off):
     """Switched inside a process (attention.using, jax.default_matmul_precision): not the old one."""
     from magi_jax import attention
 
@@ -189,7 +198,7 @@ def test_run_once_programs_compile_with_the_options_this_xla_knows(monkeypatch):
     assert tried == [{**wanted, "xla_no_such_option": 1}, wanted]
 
 
-def test_a_saved_program_holds_its_executables_only_through_the_process():
+def test_a_saved_program_holds_its_executables_only_through_the_process(cache_off):
     """Every executable held keeps its machine code mapped; so a SavedProgram holds its
     programs weakly and the process's table owns them: forgetting the programs frees them
     (a live SavedProgram does not keep them), and the next call compiles again."""
