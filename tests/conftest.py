@@ -73,14 +73,19 @@ def pytest_configure(config):
     run = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # in a worker: the controller's id
     if run is None:  # the controller, or a session without workers
         run = config.option.testrunuid = getattr(config.option, "testrunuid", None) or uuid.uuid4().hex
-    SESSION_CACHE = Path(tempfile.gettempdir()) / f"magi-jax-tests-{run}"
-    SESSION_CACHE.mkdir(mode=0o700, exist_ok=True)
-    os.environ["MAGI_JAX_CACHE_DIR"] = str(SESSION_CACHE)
+    folder = Path(tempfile.gettempdir()) / f"magi-jax-tests-{run}"
+    if not folder.exists():  # the session's first process (the controller) owns it
+        folder.mkdir(mode=0o700)
+        SESSION_CACHE = folder
+    os.environ["MAGI_JAX_CACHE_DIR"] = str(folder)
     compile_cache.enable()
 
 
-def pytest_unconfigure(config):  # after every worker has stopped (not at sessionfinish: one may still write)
-    if SESSION_CACHE is not None and not hasattr(config, "workerinput"):  # the controller
+def pytest_unconfigure(config):
+    # only the process that made the folder removes it, after every worker has stopped: a
+    # worker, or a pytest run inside a test (the parity notebook's), inherits the run id and
+    # would remove it under the others
+    if SESSION_CACHE is not None:
         shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
