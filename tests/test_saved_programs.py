@@ -113,17 +113,12 @@ def test_a_program_jaxs_cache_served_is_never_saved_from_that_copy(cache_dir):
         np.testing.assert_array_equal(np.asarray(got), x**3 * 2 + y)
 
 
-def test_cache_off_is_a_plain_jit(tmp_path):
-    before = jax.config.jax_compilation_cache_dir
-    compile_cache.enable("off")
-    try:
-        traces = []
-        p = _program(traces, 2.0)
-        p(np.ones(3, np.float32), 2, jnp.ones(3))
-        p(np.ones(3, np.float32), 2, jnp.ones(3))
-        assert len(traces) == 1 and p.programs == 1 and compile_cache.saved_dir() is None
-    finally:
-        compile_cache.enable(before or "off")
+def test_cache_off_is_a_plain_jit(cache_off):
+    traces = []
+    p = _program(traces, 2.0)
+    p(np.ones(3, np.float32), 2, jnp.ones(3))
+    p(np.ones(3, np.float32), 2, jnp.ones(3))
+    assert len(traces) == 1 and p.programs == 1 and compile_cache.saved_dir() is None
 
 
 def test_a_sharded_program_loads_onto_its_devices(cache_dir):
@@ -142,24 +137,19 @@ def test_a_sharded_program_loads_onto_its_devices(cache_dir):
     np.testing.assert_array_equal(np.asarray(got), np.arange(8.0) ** 2 * 2 + 1)
 
 
-def test_programs_are_shared_in_the_process_with_the_cache_off():
+def test_programs_are_shared_in_the_process_with_the_cache_off(cache_off):
     """A second object of the same name and identity (a second Sampler of the same model) runs
     the first one's executable: nothing traced or compiled again, even with no cache on disk."""
-    before = jax.config.jax_compilation_cache_dir
-    compile_cache.enable("off")
     compile_cache.forget_programs()
-    try:
-        traces = []
-        first, second = _program(traces, 3.0), _program(traces, 3.0)
-        first(np.ones(3, np.float32), 2, jnp.ones(3))
-        got = second(np.full(3, 2.0, np.float32), 2, jnp.ones(3))["out"]
-        assert len(traces) == 1 and (first.compiled, second.compiled) == (1, 0)
-        assert first.programs == second.programs == 1  # both ran one program
-        np.testing.assert_array_equal(np.asarray(got), np.full(3, 13.0))
-        _program(traces, 4.0)(np.ones(3, np.float32), 2, jnp.ones(3))  # another identity: its own
-        assert len(traces) == 2
-    finally:
-        compile_cache.enable(before or "off")
+    traces = []
+    first, second = _program(traces, 3.0), _program(traces, 3.0)
+    first(np.ones(3, np.float32), 2, jnp.ones(3))
+    got = second(np.full(3, 2.0, np.float32), 2, jnp.ones(3))["out"]
+    assert len(traces) == 1 and (first.compiled, second.compiled) == (1, 0)
+    assert first.programs == second.programs == 1  # both ran one program
+    np.testing.assert_array_equal(np.asarray(got), np.full(3, 13.0))
+    _program(traces, 4.0)(np.ones(3, np.float32), 2, jnp.ones(3))  # another identity: its own
+    assert len(traces) == 2
 
 
 @pytest.mark.parametrize("setting", ["attention implementation", "matmul precision"])
