@@ -34,19 +34,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 DIRECTIONS = ("right", "left", "up", "down")
-PROMPTS = [  # tests/test_world_model.py's
-    ("red", "right"),
-    ("blue", "left"),
-    ("green", "up"),
-    ("yellow", "down"),
-    ("orange", "right"),
-    ("purple", "up"),
-]
-
-
-def prompt(colour: str, direction: str) -> str:
-    verb = "rolls to the" if direction in ("left", "right") else "moves"
-    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} ball {verb} {direction}"
 
 
 def score_prompts(bundle: Path, seeds, frames: int) -> dict:
@@ -56,7 +43,7 @@ def score_prompts(bundle: Path, seeds, frames: int) -> dict:
     from magi_jax.video_io import read_frames
 
     rt = load_config("tiny").runtime
-    groups = {"prompts": PROMPTS, "held-out pairs": list(synthetic_world.HELD_OUT)}
+    groups = {"prompts": synthetic_world.SCORED, "held-out pairs": synthetic_world.HELD_OUT}
     totals = {name: [0, 0, 0] for name in groups}  # colour right, both right, count
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "clip.mp4"
@@ -64,13 +51,14 @@ def score_prompts(bundle: Path, seeds, frames: int) -> dict:
             line = []
             for name, pairs in groups.items():
                 for p in pairs:
-                    args = ["--config_file", "tiny", "--prompt", prompt(*p), "--seed", str(seed)]
+                    text = synthetic_world.roll_prompt(*p)
+                    args = ["--config_file", "tiny", "--prompt", text, "--seed", str(seed)]
                     args += ["--num_frames", str(frames), "--output_path", str(out)]
                     for part in ("dit", "vae", "t5"):
                         args += [f"--{part}_ckpt", str(bundle / part)]
                     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                         if generate(args) != 0:
-                            raise RuntimeError(f"generate failed for {prompt(*p)!r} (run it by hand to see why)")
+                            raise RuntimeError(f"generate failed for {text!r} (run it by hand to see why)")
                     got = synthetic_world.describe(read_frames(out, rt.fps, rt.video_size_w, rt.video_size_h))
                     t = totals[name]
                     t[0], t[1], t[2] = t[0] + (got[0] == p[0]), t[1] + (got == p), t[2] + 1
@@ -124,7 +112,11 @@ def caption_swap(bundle: Path, us, clips_per_direction: int) -> dict:
                 x0 = np.asarray(jax.random.normal(jax.random.key(n), x1.shape), np.float32)
                 xt = jnp.asarray(t * x1 + (1 - t) * x0)
                 for col, d2 in enumerate(DIRECTIONS):
-                    v = np.asarray(velocity(xt, jnp.full((1,), t, jnp.float32), *caption(prompt(c.colours[0], d2))))
+                    v = np.asarray(
+                        velocity(
+                            xt, jnp.full((1,), t, jnp.float32), *caption(synthetic_world.roll_prompt(c.colours[0], d2))
+                        )
+                    )
                     table_u[row, col] += np.mean((v - (x1 - x0)) ** 2) / len(clips[d])
         out[u] = table_u
         print(f"\ncaption swap at u = {u} (t = {t:.4f}): velocity error, rows = the clip's direction")

@@ -42,6 +42,16 @@ BACKGROUND = (20, 20, 24)
 SCENES = ("roll", "fall", "collide")
 DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # y grows downward
 HELD_OUT = (("purple", "left"), ("yellow", "up"), ("orange", "down"))
+# the prompts a model of this world is scored on (tests/test_world_model.py, bench/world_model_eval.py):
+# six seen (colour, direction) pairs that differ in both
+SCORED = (
+    ("red", "right"),
+    ("blue", "left"),
+    ("green", "up"),
+    ("yellow", "down"),
+    ("orange", "right"),
+    ("purple", "up"),
+)
 GRAVITY = 600.0  # pixels / s^2 at 64 pixels of height; scaled with the frame
 SUBSTEPS = 8  # physics steps per frame: no ball crosses a wall or another ball between them
 RESTITUTION = 0.85  # a bounce keeps this fraction of the speed along the contact normal
@@ -140,6 +150,11 @@ def _caption(scene: str, colours, direction: str, events, frames: int) -> str:
     if any(e.kind == "collide" for e in events):
         text += " and collide"
     return text
+
+
+def roll_prompt(colour: str, direction: str) -> str:
+    """The caption of a `colour` ball rolling `direction` that does not reach the wall."""
+    return _caption("roll", (colour,), direction, (), 3)
 
 
 def clip(

@@ -24,19 +24,8 @@ from magi_jax.pipeline import bundled_weights, with_bundled_weights
 from magi_jax.vae_weights import load_vae
 from magi_jax.video_io import read_frames
 
-PROMPTS = [
-    ("red", "right"),
-    ("blue", "left"),
-    ("green", "up"),
-    ("yellow", "down"),
-    ("orange", "right"),
-    ("purple", "up"),
-]
-
-
-def _prompt(colour: str, direction: str) -> str:
-    verb = "rolls to the" if direction in ("left", "right") else "moves"
-    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} ball {verb} {direction}"
+PROMPTS = synthetic_world.SCORED
+_prompt = synthetic_world.roll_prompt
 
 
 def _frames(path) -> np.ndarray:
