@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import sys
 import tempfile
@@ -89,7 +90,8 @@ def caption_swap(bundle: Path, us, clips_per_direction: int) -> dict:
     table = token_table(channels=m.caption_channels)
     velocity = jax.jit(lambda x, t, cap, mask: clip_velocity(dit, config, x, t, cap, mask, None))
 
-    def caption(p):
+    @functools.cache
+    def caption(p):  # each prompt encoded once
         emb, mask = text.encode([p], m.caption_max_length)
         null = np.zeros((1, m.caption_max_length, m.caption_channels), np.float32)
         cap, cmask = caption_side(emb[:, None], mask, null, 1, 0, rt, table, max_len=m.caption_max_length)
@@ -101,14 +103,16 @@ def caption_swap(bundle: Path, us, clips_per_direction: int) -> dict:
         index += 1
         if len(clips[c.direction]) < clips_per_direction:
             clips[c.direction].append(c)
-    first = rt.chunk_width  # latent frames of the first chunk
+    first = rt.chunk_width  # latent frames of the first chunk, encoded once for every u
+    latents = {
+        d: [np.asarray(vae.encode_pixels(c.frames), np.float32)[:, :first] for c in group] for d, group in clips.items()
+    }
     out = {}
     for u in us:
         t = float(warp_time(u))
         table_u = np.zeros((4, 4))
         for row, d in enumerate(DIRECTIONS):
-            for n, c in enumerate(clips[d]):
-                x1 = np.asarray(vae.encode_pixels(c.frames), np.float32)[:, :first]
+            for n, (c, x1) in enumerate(zip(clips[d], latents[d])):
                 x0 = np.asarray(jax.random.normal(jax.random.key(n), x1.shape), np.float32)
                 xt = jnp.asarray(t * x1 + (1 - t) * x0)
                 for col, d2 in enumerate(DIRECTIONS):

@@ -154,7 +154,7 @@ def _caption(scene: str, colours, direction: str, events, frames: int) -> str:
 
 def roll_prompt(colour: str, direction: str) -> str:
     """The caption of a `colour` ball rolling `direction` that does not reach the wall."""
-    return _caption("roll", (colour,), direction, (), 3)
+    return _caption("roll", (colour,), direction, events=(), frames=0)  # no events: frames unread
 
 
 def clip(

@@ -8,8 +8,11 @@
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
@@ -58,10 +61,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # here and hands to its workers. (A segfault in an executable's serialization once took this
 # out: SavedProgram then re-serialized executables JAX's cache had served, which XLA:CPU does
 # without part of their machine code; it no longer does.)
-
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
-import uuid  # noqa: E402
 
 SESSION_CACHE: Path | None = None
 
