@@ -13,10 +13,12 @@ Two reports on a bundle (the `t5/`, `vae/`, `dit/` folders world_model.py writes
 2. Caption swap: rolling clips the model never trained on (indices from 50,000), their
    first chunk noised to flow time t = warp(u) as the sampler's first stages see it, scored
    (the objective's velocity error) under the true caption and under the same colour with
-   each other direction. Rows: the clip's direction; columns: the caption's. A model that
-   reads the direction has its row minimum on the diagonal; a model that does not has flat
-   rows. The bundled model's rows are nearly flat, and some minima sit on the opposite
-   direction: its first chunks show where balls of that caption are late in a clip.
+   each other direction. The caption is the one the generate command gives the first chunk
+   of a `--frames` video: its duration token counts that video's chunks, and a model trained
+   on longer clips reads a small count as "late in the clip". Rows: the clip's direction;
+   columns: the caption's. A model that reads the direction has its row minimum on the
+   diagonal. Near t = 0 the error also favours a blurred guess over a sharp misplaced one,
+   so read the table beside the prompt score, not instead of it.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def score_prompts(bundle: Path, seeds, frames: int) -> dict:
     return totals
 
 
-def caption_swap(bundle: Path, us, clips_per_direction: int) -> dict:
+def caption_swap(bundle: Path, us, clips_per_direction: int, frames: int) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -89,13 +91,14 @@ def caption_swap(bundle: Path, us, clips_per_direction: int) -> dict:
     text = t5.load_text_encoder(bundle / "t5")
     table = token_table(channels=m.caption_channels)
     velocity = jax.jit(lambda x, t, cap, mask: clip_velocity(dit, config, x, t, cap, mask, None))
+    chunks = frames // (rt.temporal_downsample_factor * rt.chunk_width)
 
     @functools.cache
-    def caption(p):  # each prompt encoded once
+    def caption(p):  # each prompt encoded once; the first chunk's row of a `frames` video
         emb, mask = text.encode([p], m.caption_max_length)
         null = np.zeros((1, m.caption_max_length, m.caption_channels), np.float32)
-        cap, cmask = caption_side(emb[:, None], mask, null, 1, 0, rt, table, max_len=m.caption_max_length)
-        return jnp.asarray(cap[0], jnp.float32), jnp.asarray(cmask[0], jnp.float32)
+        cap, cmask = caption_side(emb[:, None], mask, null, chunks, 0, rt, table, max_len=m.caption_max_length)
+        return jnp.asarray(cap[0, :1], jnp.float32), jnp.asarray(cmask[0, :1], jnp.float32)
 
     clips, index = {d: [] for d in DIRECTIONS}, 50_000
     while min(len(v) for v in clips.values()) < clips_per_direction:
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     print(f"bundle {bundle}; device {device_name()}; jax {jax.__version__}; {time.strftime('%Y-%m-%d')}")
     if not args.skip_prompts:
         score_prompts(bundle, args.seeds, args.frames)
-    caption_swap(bundle, args.u, args.clips)
+    caption_swap(bundle, args.u, args.clips, args.frames)
     return 0
 
 

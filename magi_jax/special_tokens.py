@@ -122,12 +122,19 @@ def pad_special_tokens(keys, embs, masks, table, max_len: int = MAX_TOKENS, rema
 def caption_side(caption, mask, null_caption, chunk_num, clean_chunks, rt, table, max_len=MAX_TOKENS):
     """Row 0 of the sampler's captions: (1, chunk_num, L, D) embeddings and masks.
 
-    caption (1, 1, L, D) and mask (1, L) from the text encoder; null_caption (1, L', D) the
-    DiT's learned null caption (used for the clean prefix chunks, with a zero mask).
+    caption (1, 1, L, D) and mask (1, L) from the text encoder, repeated for every denoised
+    chunk, or one caption per denoised chunk: (1, denoised, L, D) and (1, denoised, L);
+    null_caption (1, L', D) the DiT's learned null caption (used for the clean prefix chunks,
+    with a zero mask).
     """
     denoised = chunk_num - clean_chunks
-    embs = np.repeat(np.asarray(caption), denoised, axis=1)
-    masks = np.repeat(np.asarray(mask)[:, None], denoised, axis=1)
+    caption, mask = np.asarray(caption), np.asarray(mask)
+    if mask.ndim == 2:  # one caption for the whole run
+        embs, masks = np.repeat(caption, denoised, axis=1), np.repeat(mask[:, None], denoised, axis=1)
+    elif caption.shape[1] == mask.shape[1] == denoised:
+        embs, masks = caption, mask
+    else:
+        raise ValueError(f"{caption.shape[1]} per-chunk captions for {denoised} denoised chunks")
     embs, masks = pad_special_tokens(caption_token_keys(rt), embs, masks, table, max_len)
     null = np.repeat(np.asarray(null_caption, embs.dtype)[:, None], clean_chunks, axis=1)
     embs = np.concatenate([null, embs], axis=1)

@@ -4,12 +4,16 @@
         --vae_ckpt VAE --t5_ckpt T5 [--num_frames 96 --size 480x832 --fps 24]
 
 Input: a folder of `name.mp4` with a caption in `name.txt` beside each, or a JSONL file of
-{"video": path, "caption": text} lines (paths relative to the file). Each video is read
-once (the first `num_frames` frames at `fps`, resized to the training size with upstream's
-ffmpeg filters), encoded by the VAE (tiled, times scale_factor, as the generate command
-encodes a prefix) and its caption by T5, and stored as one npz shard per clip:
-  latents  (C, T, h, w) float16
-  caption  (n, Cc) float16, the caption's n valid T5 tokens (the padding is not stored)
+{"video": path, "caption": text} lines (paths relative to the file); there "caption" may
+also be a list with one caption per chunk (MAGI-1 reads a caption per chunk: say what each
+chunk shows). Each video is read once (the first `num_frames` frames at `fps`, resized to
+the training size with upstream's ffmpeg filters), encoded by the VAE (tiled, times
+scale_factor, as the generate command encodes a prefix) and its captions by T5, and stored
+as one npz shard per clip:
+  latents          (C, T, h, w) float16
+  caption          (n, Cc) float16, the caption's n valid T5 tokens (the padding is not
+                   stored); per-chunk captions are stored one after another, with
+  caption_lengths  (chunks,) int32, each chunk caption's token count
 A video that cannot be read, is too short or has no caption is reported by name and
 skipped; `skipped.txt` lists them. Shards are written under a temporary name and renamed,
 and `index.jsonl` (one line per clip) plus `meta.json` are written at the end.
@@ -48,7 +52,7 @@ class DataError(ValueError):
 class Source:
     name: str
     video: Path
-    caption: str | None  # None: caption missing
+    caption: str | tuple[str, ...] | None  # one per chunk when a tuple; None: caption missing
 
 
 def find_sources(videos) -> list[Source]:
@@ -70,10 +74,18 @@ def find_sources(videos) -> list[Source]:
             try:
                 row = json.loads(line)
                 video = Path(row["video"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f'{path}:{n}: expected {{"video": path, "caption": text}}') from None
+                caption = row.get("caption")
+                if isinstance(caption, list):
+                    caption = tuple(c.strip() for c in caption)
+                    caption = caption if caption and all(caption) else None
+                else:
+                    caption = (caption or "").strip() or None
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise DataError(
+                    f'{path}:{n}: expected {{"video": path, "caption": text or [text per chunk]}}'
+                ) from None
             video = video if video.is_absolute() else path.parent / video
-            out.append(Source(video.stem, video, (row.get("caption") or "").strip() or None))
+            out.append(Source(video.stem, video, caption))
         if not out:
             raise DataError(f"{path} lists no videos")
         return out
@@ -94,6 +106,7 @@ def prepare(sources, out, config: MagiConfig, vae, text, progress: bool = True) 
     from magi_jax.video_io import MediaError, read_video
 
     rt = config.runtime
+    chunks = rt.num_frames // (rt.temporal_downsample_factor * rt.chunk_width)
     skipped = []
 
     def videos():
@@ -101,6 +114,11 @@ def prepare(sources, out, config: MagiConfig, vae, text, progress: bool = True) 
             try:
                 if src.caption is None:
                     raise DataError("no caption (name.txt beside the video, or a caption in the JSONL)")
+                if isinstance(src.caption, tuple) and len(src.caption) != chunks:
+                    raise DataError(
+                        f"{len(src.caption)} per-chunk captions for {chunks} chunks ({rt.num_frames} frames); "
+                        f"give one caption or {chunks}"
+                    )
                 video = read_video(src.video, rt.fps, rt.video_size_w, rt.video_size_h, prefix_frames=rt.num_frames)
                 if len(video) < rt.num_frames:
                     raise DataError(f"{len(video)} frames at {rt.fps} fps, {rt.num_frames} needed")
@@ -120,8 +138,8 @@ def prepare(sources, out, config: MagiConfig, vae, text, progress: bool = True) 
 
 def write_dataset(items, out, config: MagiConfig, vae, text, total: int | None = None, progress: bool = True) -> int:
     """Encodes (name, caption, frames (T, H, W, 3) uint8) items into the dataset folder `out`
-    (one npz shard per clip, then index and meta); returns the number of clips. Each caption's
-    embedding is computed once."""
+    (one npz shard per clip, then index and meta); returns the number of clips. `caption` is
+    a string, or a sequence of one string per chunk. Each caption's embedding is computed once."""
     from tqdm import tqdm
 
     m = config.model
@@ -132,12 +150,19 @@ def write_dataset(items, out, config: MagiConfig, vae, text, total: int | None =
         items, desc="encoding", unit="video", total=total, file=sys.stderr, disable=None if progress else True
     ):
         latents = vae.encode_pixels(video).astype(np.float32)
-        if caption not in captions:
-            emb, mask = text.encode([caption], m.caption_max_length)
-            captions[caption] = np.asarray(emb[0, : int(np.asarray(mask[0]).sum())], np.float16)
+        per_chunk = not isinstance(caption, str)
+        texts = list(caption) if per_chunk else [caption]
+        for t in texts:
+            if t not in captions:
+                emb, mask = text.encode([t], m.caption_max_length)
+                captions[t] = np.asarray(emb[0, : int(np.asarray(mask[0]).sum())], np.float16)
+        arrays = {"latents": latents.astype(np.float16), "caption": np.concatenate([captions[t] for t in texts])}
+        if per_chunk:
+            arrays["caption_lengths"] = np.asarray([len(captions[t]) for t in texts], np.int32)
         file = f"clips/{len(index):06d}.npz"
-        _write_npz(out / file, latents=latents.astype(np.float16), caption=captions[caption])
-        index.append({"name": name, "file": file, "caption": caption, "frames": int(latents.shape[1])})
+        _write_npz(out / file, **arrays)
+        index.append({"name": name, "file": file, "caption": texts if per_chunk else caption})
+        index[-1]["frames"] = int(latents.shape[1])
     if index:
         shape = list(np.load(out / index[0]["file"])["latents"].shape)
         meta = {"clips": len(index), "latent_shape": shape, "caption_channels": m.caption_channels}
@@ -196,11 +221,23 @@ class ClipData:
             m, rt = self.config.model, self.config.runtime
             with np.load(self.folder / self.items[i]["file"]) as z:
                 latents, tokens = z["latents"].astype(np.float32), z["caption"].astype(np.float32)
+                lengths = z["caption_lengths"] if "caption_lengths" in z else None
             length = m.caption_max_length
-            emb = np.zeros((1, 1, length, m.caption_channels), np.float32)
-            mask = np.zeros((1, length), np.float32)
-            n = min(len(tokens), length)
-            emb[0, 0, :n], mask[0, :n] = tokens[:n], 1
+            if lengths is None:  # one caption, repeated for every chunk by caption_side
+                pieces = [tokens]
+            elif len(lengths) == self.chunks:
+                pieces = np.split(tokens, np.cumsum(lengths)[:-1])
+            else:
+                raise DataError(
+                    f"{self.items[i]['file']} has {len(lengths)} per-chunk captions for {self.chunks} chunks; "
+                    "prepare the dataset again"
+                )
+            emb = np.zeros((1, len(pieces), length, m.caption_channels), np.float32)
+            mask = np.zeros((1, len(pieces), length), np.float32)
+            for k, piece in enumerate(pieces):
+                n = min(len(piece), length)
+                emb[0, k, :n], mask[0, k, :n] = piece[:n], 1
+            mask = mask[:, 0] if lengths is None else mask
             null = np.zeros((1, length, m.caption_channels), np.float32)  # no clean chunks: unused
             cap, cmask = caption_side(emb, mask, null, self.chunks, 0, rt, self.table, max_len=length)
             if len(self._cache) >= CACHED_CLIPS:  # streamed: only the most recent clips stay in memory

@@ -103,6 +103,39 @@ def test_jsonl_sources(tmp_path, videos):
         find_sources(f)
 
 
+def test_a_caption_per_chunk(tmp_path, videos, prepared):
+    """A JSONL caption may be a list, one per chunk: each chunk's row of a batch holds its own
+    caption (a single caption is every chunk's); a list of the wrong length is skipped by name."""
+    from magi_jax.pipeline import text_encoder, vae_model
+
+    per_chunk = ["a person stands", "a person walks", "a person walks", "a person sits"]
+    lines = [
+        {"video": str(videos / "walk.mp4"), "caption": per_chunk},
+        {"video": str(videos / "run.mp4"), "caption": per_chunk[:3]},
+    ]
+    f = tmp_path / "list.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    src = find_sources(f)
+    assert src[0].caption == tuple(per_chunk)
+    out = tmp_path / "data"
+    with text_encoder(CFG, True) as text:
+        result = prepare(src, out, CFG, vae_model(CFG, True), text, progress=False)
+    assert result["clips"] == 1 and "3 per-chunk captions for 4 chunks" in result["skipped"][0][1]
+    cap, mask = ClipData(out, CFG).clip(0)[1:]
+    single, single_mask = ClipData(prepared[0], CFG).clip(0)[1:]  # "a person doing a ..."
+    assert cap.shape == single.shape and mask.shape == single_mask.shape
+    # same words, same row but for the chunks-left token in front; other words, another row
+    np.testing.assert_array_equal(cap[1, 1:], cap[2, 1:])
+    assert not np.array_equal(cap[0, 1:], cap[1, 1:]) and not np.array_equal(cap[1, 1:], cap[3, 1:])
+    # each row is that chunk's caption as the sampler would encode it alone, behind the same
+    # special tokens (quality, the chunk's duration) a single caption gets
+    with text_encoder(CFG, True) as text:
+        emb, emb_mask = text.encode([per_chunk[3]], CFG.model.caption_max_length)
+    n, tokens = int(np.asarray(emb_mask[0]).sum()), int(mask[3].sum())
+    np.testing.assert_array_equal(cap[3, tokens - n : tokens], np.asarray(emb[0, :n], np.float16).astype(np.float32))
+    np.testing.assert_array_equal(cap[:, : tokens - n], single[:, : tokens - n])
+
+
 @pytest.mark.slow
 def test_train_command_writes_an_adapter_and_resumes(prepared, tmp_path, capsys):
     from magi_jax.train import checkpoints, main
