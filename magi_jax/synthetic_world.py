@@ -41,7 +41,6 @@ COLOURS = {
 BACKGROUND = (20, 20, 24)
 SCENES = ("roll", "fall", "collide")
 DIRECTIONS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # y grows downward
-OPPOSITE = {"right": "left", "left": "right", "up": "down", "down": "up"}
 HELD_OUT = (("purple", "left"), ("yellow", "up"), ("orange", "down"))
 # the prompts a model of this world is scored on (tests/test_world_model.py, bench/world_model_eval.py):
 # six seen (colour, direction) pairs that differ in both
@@ -75,20 +74,6 @@ class Clip:
     direction: str  # a rolling ball's direction, "" for other scenes
     tracks: np.ndarray  # (T, balls, 2) centres (x, y) in pixels
     events: tuple[Event, ...]
-
-    def chunk_captions(self, chunk_frames: int) -> tuple[str, ...]:
-        """One caption per `chunk_frames` frames, each saying what that chunk shows (MAGI-1
-        reads a caption per chunk). A clip-wide caption is the clip averaged over time: a
-        ball that rolls right and bounces back spends its late chunks moving left, and a
-        model trained on one caption for all of them learns "rolls to the right" as a ball
-        drifting back from the right wall. Per chunk the words and the motion agree wherever
-        the chunk sits in the clip."""
-        if chunk_frames <= 0:
-            raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
-        return tuple(
-            _chunk_caption(self, start, min(start + chunk_frames, len(self.frames)))
-            for start in range(0, len(self.frames), chunk_frames)
-        )
 
 
 def _simulate(pos, vel, radius, frames: int, fps: int, size, gravity: float):
@@ -145,18 +130,17 @@ def _a(word: str) -> str:
     return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
-def _roll_text(colour: str, direction: str, bounced: bool) -> str:
-    verb = "rolls to the" if direction in ("left", "right") else "moves"
-    return f"{_a(colour)} ball {verb} {direction}" + (" and bounces off the wall" if bounced else "")
-
-
 def _caption(scene: str, colours, direction: str, events, frames: int) -> str:
     """What a viewer sees happen: events in the last two frames are left out (the ball is
     not seen coming back)."""
     events = [e for e in events if e.frame <= frames - 3]
     first = colours[0]
     if scene == "roll":
-        return _roll_text(first, direction, any(e.kind == "wall" for e in events))
+        verb = "rolls to the" if direction in ("left", "right") else "moves"
+        text = f"{_a(first)} ball {verb} {direction}"
+        if any(e.kind == "wall" for e in events):
+            text += " and bounces off the wall"
+        return text
     if scene == "fall":
         text = f"{_a(first)} ball falls"
         if any(e.kind == "floor" for e in events):
@@ -168,36 +152,9 @@ def _caption(scene: str, colours, direction: str, events, frames: int) -> str:
     return text
 
 
-def _chunk_caption(c: Clip, start: int, stop: int) -> str:
-    """The caption of frames [start, stop) of clip `c`: the motion the chunk opens with, and
-    the events it shows (as in _caption, none from its last two frames)."""
-    shown = [e for e in c.events if start <= e.frame <= stop - 3]
-    # an event at frame f happens between tracks[f] and tracks[f + 1]: read the motion from
-    # the chunk's first step that has none
-    quiet = [f for f in range(start, max(stop - 1, start + 1)) if not any(e.frame == f for e in c.events)]
-    f = min(quiet[0] if quiet else start, len(c.tracks) - 2)
-    step = c.tracks[f + 1, 0] - c.tracks[f, 0]
-    first = c.colours[0]
-    if c.scene == "roll":
-        ux, uy = DIRECTIONS[c.direction]
-        heading = c.direction if step[0] * ux + step[1] * uy >= 0 else OPPOSITE[c.direction]
-        return _roll_text(first, heading, any(e.kind == "wall" for e in shown))
-    if c.scene == "fall":
-        hits = any(e.kind == "floor" for e in shown)
-        if step[1] < 0 and not hits:  # rising after a bounce
-            return f"{_a(first)} ball bounces up"
-        return f"{_a(first)} ball falls" + (" and bounces on the floor" if hits else "")
-    gap = c.tracks[f, 1] - c.tracks[f, 0]
-    closing = float(np.dot(c.tracks[f + 1, 1] - c.tracks[f + 1, 0] - gap, gap)) < 0
-    pair = f"{_a(c.colours[0])} ball and {_a(c.colours[1])} ball"
-    if not closing:
-        return f"{pair} roll apart"
-    return f"{pair} roll toward each other" + (" and collide" if any(e.kind == "collide" for e in shown) else "")
-
-
 def roll_prompt(colour: str, direction: str) -> str:
     """The caption of a `colour` ball rolling `direction` that does not reach the wall."""
-    return _roll_text(colour, direction, bounced=False)
+    return _caption("roll", (colour,), direction, events=(), frames=0)  # no events: frames unread
 
 
 def clip(

@@ -16,12 +16,8 @@ sampler settings), in this order:
      (weighted toward the balls, which cover a few percent of a frame) plus a small KL term.
   3. the DiT (train.Trainer, MAGI-1's chunk-wise flow-matching objective, objective.py) from
      random weights, on the VAE's latents of world clips (times the config's scale_factor,
-     as the sampler reads them) and the T5's embeddings of a caption per chunk, with caption
-     dropout for classifier-free guidance and clean leading chunks for I2V / V2V. Each chunk's
-     caption says what that chunk shows (Clip.chunk_captions): under one caption per clip,
-     the late chunks of "a red ball rolls to the right" show it rolling back left from the
-     wall, and a shorter video than the training clips starts with the duration token
-     those late chunks carry, so it drew the ball going the wrong way.
+     as the sampler reads them) and the T5's caption embeddings, with caption dropout for
+     classifier-free guidance and clean leading chunks for I2V / V2V.
 
 Held-out (colour, direction) pairs (synthetic_world.HELD_OUT) never appear in the training
 clips, so prompts made of them measure whether the model composes colour and motion.
@@ -106,15 +102,13 @@ def train_vae(config: MagiConfig, recipe: Recipe, out: Path, log) -> dict:
 
 
 def world_items(config: MagiConfig, count: int, seed: int):
-    """(name, captions, frames) of training clips 0..count-1 at the config's size and length,
-    a caption per chunk (Clip.chunk_captions: what that chunk shows)."""
+    """(name, caption, frames) of training clips 0..count-1 at the config's size and length."""
     from magi_jax import synthetic_world
 
     rt = config.runtime
-    chunk_frames = rt.chunk_width * rt.temporal_downsample_factor
     for i in range(count):
         c = synthetic_world.clip(seed, i, (rt.video_size_w, rt.video_size_h), rt.num_frames, rt.fps)
-        yield f"world_{i:05d}", c.chunk_captions(chunk_frames), c.frames
+        yield f"world_{i:05d}", c.caption, c.frames
 
 
 def train_dit(config: MagiConfig, recipe: Recipe, out: Path, work: Path, log) -> dict:

@@ -55,42 +55,6 @@ def test_colliding_balls_exchange_their_motion():
     )
 
 
-@pytest.mark.parametrize("index", range(16))
-def test_each_chunk_caption_names_the_motion_that_chunk_shows(index):
-    """A ball that rolls right and bounces back is captioned "rolls to the left" in its late
-    chunks: per chunk, describe() on the chunk's own frames reads the direction its caption
-    names, and "bounces off the wall" marks exactly the chunks with a bounce."""
-    c = world.clip(2, index, scene="roll", include_held_out=True)
-    captions = c.chunk_captions(8)
-    assert len(captions) == 4 and captions[0] == world.roll_prompt(c.colours[0], c.direction)
-    for k, text in enumerate(captions):
-        bounce = [e.frame for e in c.events if 8 * k <= e.frame <= 8 * k + 5]
-        assert ("bounces off the wall" in text) == bool(bounce)
-        end = bounce[0] + 1 if bounce else 8 * k + 8
-        colour, seen = world.describe(c.frames[8 * k : end], lead=end - 8 * k)
-        if end - 8 * k >= 3:  # enough frames before the bounce to see the way it goes
-            assert text.startswith(world.roll_prompt(colour, seen)), (k, text, seen)
-    if any(e.kind == "wall" for e in c.events if e.frame <= 21):  # seen coming back in the last chunk
-        assert world.OPPOSITE[c.direction] in captions[3]
-
-
-def test_chunk_captions_of_falls_and_collisions_follow_their_events():
-    fall = world.clip(0, 0, scene="fall")
-    floor = next(e.frame for e in fall.events if e.kind == "floor")
-    captions = fall.chunk_captions(8)
-    assert captions[0].endswith("ball falls")  # before the floor
-    assert captions[floor // 8].endswith("falls and bounces on the floor")
-    rising = [k for k in range(4) if fall.tracks[8 * k + 1, 0, 1] < fall.tracks[8 * k, 0, 1]]
-    assert rising and all(captions[k].endswith("bounces up") for k in rising)
-    hit = world.clip(0, 5, scene="collide")
-    met = next(e.frame for e in hit.events if e.kind == "collide")
-    captions = hit.chunk_captions(8)
-    assert "roll toward each other" in captions[0]
-    assert captions[met // 8 + 1].endswith("roll apart")
-    with pytest.raises(ValueError, match="chunk_frames"):
-        hit.chunk_captions(0)
-
-
 def test_held_out_pairs_never_appear_in_training_clips():
     seen = set()
     for i in range(200):

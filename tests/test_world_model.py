@@ -10,7 +10,6 @@ issue 16 asks for 5 of 6 on both, which these weights do not reach (bench/world_
 scores more seeds and shows why).
 """
 
-import json
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -92,9 +91,6 @@ def test_the_recipe_writes_a_bundle_the_generate_command_runs(tmp_path):
     bundle = tmp_path / "bundle"
     assert sorted(p.name for p in bundle.iterdir()) == ["dit", "recipe.json", "t5", "vae"]
     assert report["dit"]["loss_last_100"] > 0 and len(list((tmp_path / "work" / "data" / "clips").iterdir())) == 2
-    # the DiT trains on a caption per chunk, each saying what that chunk shows
-    rows = [json.loads(line) for line in (tmp_path / "work" / "data" / "index.jsonl").read_text().splitlines()]
-    assert [r["caption"] for r in rows] == [list(synthetic_world.clip(0, i).chunk_captions(8)) for i in range(2)]
     # what the generate command reads for the tiny variant, read from this bundle
     config = with_bundled_weights(load_config("tiny"), bundle)
     dit = load_dit(Path(config.runtime.load), config)
