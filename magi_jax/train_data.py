@@ -161,8 +161,8 @@ def write_dataset(items, out, config: MagiConfig, vae, text, total: int | None =
             arrays["caption_lengths"] = np.asarray([len(captions[t]) for t in texts], np.int32)
         file = f"clips/{len(index):06d}.npz"
         _write_npz(out / file, **arrays)
-        index.append({"name": name, "file": file, "caption": texts if per_chunk else caption})
-        index[-1]["frames"] = int(latents.shape[1])
+        row = {"name": name, "file": file, "caption": texts if per_chunk else caption}
+        index.append({**row, "frames": int(latents.shape[1])})
     if index:
         shape = list(np.load(out / index[0]["file"])["latents"].shape)
         meta = {"clips": len(index), "latent_shape": shape, "caption_channels": m.caption_channels}
