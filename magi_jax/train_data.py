@@ -145,7 +145,7 @@ def write_dataset(items, out, config: MagiConfig, vae, text, total: int | None =
     m = config.model
     out = Path(out)
     (out / "clips").mkdir(parents=True, exist_ok=True)
-    index, captions = [], {}
+    index, captions, shape = [], {}, None
     for name, caption, video in tqdm(
         items, desc="encoding", unit="video", total=total, file=sys.stderr, disable=None if progress else True
     ):
@@ -161,12 +161,17 @@ def write_dataset(items, out, config: MagiConfig, vae, text, total: int | None =
             arrays["caption_lengths"] = np.asarray([len(captions[t]) for t in texts], np.int32)
         file = f"clips/{len(index):06d}.npz"
         _write_npz(out / file, **arrays)
-        row = {"name": name, "file": file, "caption": texts if per_chunk else caption}
-        index.append({**row, "frames": int(latents.shape[1])})
+        index.append(
+            {"name": name, "file": file, "caption": texts if per_chunk else caption, "frames": int(latents.shape[1])}
+        )
+        shape = shape or list(latents.shape)  # the first clip's, as meta records it
     if index:
-        shape = list(np.load(out / index[0]["file"])["latents"].shape)
-        meta = {"clips": len(index), "latent_shape": shape, "caption_channels": m.caption_channels}
-        meta["fps"] = config.runtime.fps
+        meta = {
+            "clips": len(index),
+            "latent_shape": shape,
+            "caption_channels": m.caption_channels,
+            "fps": config.runtime.fps,
+        }
         (out / INDEX).write_text("".join(json.dumps(r) + "\n" for r in index))
         (out / META).write_text(json.dumps(meta, indent=1) + "\n")
     return len(index)
