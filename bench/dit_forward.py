@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--chunks", type=int, default=4, help="denoising chunks in the window")
     ap.add_argument("--cached", type=int, default=1, help="clean chunks in the KV cache before the window")
     ap.add_argument("--dtype", default=None, help="params dtype (default: config)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs after the warm-up (best is kept)")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -80,7 +81,7 @@ def main():
     def forward(state, cache):
         return nnx.merge(graphdef, state)(x, captions, call, cache)
 
-    seconds = timeit(forward, state, cache)
+    seconds = timeit(forward, state, cache, repeat=args.repeat)
     visible = (cached + (r + 1) / 2) * tokens  # mean keys per query over the block-causal window
     flops = forward_flops(m, r, tokens, int(visible), m.caption_max_length)
     ref = matmul_flops(m.dtype)

@@ -137,12 +137,17 @@ def key_buffer(k_new, v_new, new_start, window=None) -> KeyBuffer:
 @dataclass(frozen=True)
 class _Tiles:
     """Static tiling of the xla path: R query chunks, query tiles of `q_block` tokens, key
-    blocks of `k_block` rows, at most `blocks` key blocks per range (its span / k_block)."""
+    blocks of `k_block` rows, at most `blocks` key blocks per range (its span / k_block).
+    split_edge: the blocks wholly inside a range skip the mask, and the range's one partial
+    block runs after the loop (long ranges of many blocks: self-attention); otherwise every
+    block is masked (short ranges of a block or two: captions - a differentiated loop then
+    keeps one block's residuals per iteration, not two)."""
 
     chunks: int
     q_block: int
     k_block: int
     blocks: int
+    split_edge: bool = False
 
 
 def _finite(m):
@@ -160,36 +165,51 @@ def _flash(qt, kt, vt, lo, hi, tiles: _Tiles):
     kb = min(tiles.k_block, kk)
     scale = jnp.float32(1.0 / math.sqrt(d))
 
-    def compute(j, carry):
+    def compute(j, carry, masked: bool):
         mx, total, acc = carry
         first = lo + j * kb
         at = jnp.clip(first, 0, kk - kb)  # the last block may start early: its repeats are masked
         kk_ = jax.lax.dynamic_slice_in_dim(kt, at, kb, axis=1)
         vv = jax.lax.dynamic_slice_in_dim(vt, at, kb, axis=1)
-        pos = at + jnp.arange(kb, dtype=jnp.int32)
-        visible = (pos >= first) & (pos < hi)
-        vv = jnp.where(visible[None, :, None], vv, jnp.zeros_like(vv))  # masked rows: 0 * NaN would be NaN
+        # unscaled scores: the scale (> 0) moves into the exp's fusion, so no pass over the
+        # tile only multiplies; the running max is of unscaled scores
         s = jnp.einsum("gmd,gkd->gmk", qt, kk_, preferred_element_type=jnp.float32, precision=precision(qt.dtype))
-        s = s * scale
-        s = jnp.where(visible[None, None, :], s, -jnp.inf)
+        if masked:
+            pos = at + jnp.arange(kb, dtype=jnp.int32)
+            visible = (pos >= first) & (pos < hi)
+            vv = jnp.where(visible[None, :, None], vv, jnp.zeros_like(vv))  # masked rows: 0 * NaN would be NaN
+            s = jnp.where(visible[None, None, :], s, -jnp.inf)
         m_new = jnp.maximum(mx, jnp.max(s, axis=-1, keepdims=True))
         safe = _finite(m_new)
-        p = jnp.exp(s - safe)
-        rescale = jnp.exp(mx - safe)
+        p = jnp.exp((s - safe) * scale)
+        rescale = jnp.exp((mx - safe) * scale)
         total = total * rescale + jnp.sum(p, axis=-1, keepdims=True)
         pv = jnp.einsum(
             "gmk,gkd->gmd", p.astype(vt.dtype), vv, preferred_element_type=jnp.float32, precision=precision(vt.dtype)
         )
         return m_new, total, acc * rescale + pv
 
-    needed = (jnp.maximum(hi - lo, 0) + kb - 1) // kb
-
-    def block(j, carry):
-        return jax.lax.cond(j < needed, lambda c: compute(j, c), lambda c: c, carry)
-
     stats = jnp.full((g, m, 1), -jnp.inf, jnp.float32)
     init = (stats, jnp.zeros_like(stats), jnp.zeros((g, m, d), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, tiles.blocks, block, init)
+    span = jnp.maximum(hi - lo, 0)
+    if tiles.split_edge:
+        # masking passes over the score tile cost as much as the exp: the blocks wholly
+        # inside the range (none reaches the buffer's end, so none is clipped back) go
+        # unmasked, the partial block at the range's end (if any) is masked after the loop
+        whole = span // kb
+
+        def block(j, carry):
+            return jax.lax.cond(j < whole, lambda c: compute(j, c, False), lambda c: c, carry)
+
+        carry = jax.lax.fori_loop(0, tiles.blocks, block, init)
+        _, total, acc = jax.lax.cond(span % kb > 0, lambda c: compute(whole, c, True), lambda c: c, carry)
+    else:
+        needed = (span + kb - 1) // kb
+
+        def block(j, carry):
+            return jax.lax.cond(j < needed, lambda c: compute(j, c, True), lambda c: c, carry)
+
+        _, total, acc = jax.lax.fori_loop(0, tiles.blocks, block, init)
     return acc / jnp.where(total == 0, 1.0, total)
 
 
@@ -325,7 +345,7 @@ def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: 
     if impl == "xla":
         # ranges are whole chunks: blocks of whole chunks (when a chunk fits one) end exactly there
         kb = min(chunk_tokens * (K_BLOCK // chunk_tokens) if chunk_tokens <= K_BLOCK else K_BLOCK, rows)
-        return _xla(q, k, v, lo, hi, _Tiles(r, Q_BLOCK, kb, -(-span // kb)))
+        return _xla(q, k, v, lo, hi, _Tiles(r, Q_BLOCK, kb, -(-span // kb), split_edge=True))
     # fused kernels take a key length: one chunk at a time (no stacked copies), its `span`
     # rows from its range's start, in the layout the kernel reads (laid out once, padded so
     # every slice exists)

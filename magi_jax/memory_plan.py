@@ -310,6 +310,11 @@ def plan_training_memory(
         probs = b * s * h * 4 * 2 // tp
     else:  # every chunk's probabilities over its visible keys (block-causal: chunk c sees c + 1 chunks)
         probs = b * (h // tp or 1) * n * n * (chunks * (chunks + 1) // 2) * 4 // sizes["seq"]
+        # plus one key block per query tile: the range's partial block, run after the loop
+        # (attention._Tiles.split_edge), keeps its residuals apart from the loop's
+        qb = min(Q_BLOCK, n)
+        kb = min(n * (K_BLOCK // n) if n <= K_BLOCK else K_BLOCK, chunks * n)
+        probs += b * (h // tp or 1) * -(-n // qb) * qb * kb * chunks * 4 // sizes["seq"]
     probs += b * (h // tp or 1) * s * length * 4  # cross-attention probabilities
     saved = (m.num_layers if remat else 0) * b * s * d * pd
     working = (2 if remat else m.num_layers) * (layer + probs)

@@ -51,13 +51,14 @@ def _chunks(n=8, r=4, h=4, g=2, d=8, rows=40, dtype=jnp.float32):
     return q, k, v
 
 
+@pytest.mark.parametrize("split_edge", [False, True], ids=["masked", "split_edge"])
 @pytest.mark.parametrize("block", [3, 8, 16, 64])
-def test_flash_loop_equals_softmax_over_the_range(block):
+def test_flash_loop_equals_softmax_over_the_range(block, split_edge):
     # ranges that start and end inside blocks, reach the buffer's end, and are empty
     q, k, v = _chunks()
     qt = jnp.asarray(q[:8].reshape(8, 2, 2, 8).transpose(1, 2, 0, 3).reshape(2, 16, 8))
     for lo, hi in [(0, 40), (5, 29), (33, 40), (17, 18), (12, 12)]:
-        tiles = _Tiles(1, 8, block, -(-40 // block))
+        tiles = _Tiles(1, 8, block, -(-40 // block), split_edge)
         got = _flash(qt, jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1), jnp.int32(lo), jnp.int32(hi), tiles)
         got = np.asarray(got).reshape(2, 2, 8, 8).transpose(2, 0, 1, 3).reshape(8, 4, 8)
         visible = (np.arange(40) >= lo) & (np.arange(40) < hi)
