@@ -108,6 +108,13 @@ def used_caption_tokens(caption_mask, multiple: int = CAPTION_MULTIPLE) -> int:
     return min(length, -(-last // multiple) * multiple)
 
 
+def self_key_block(chunk_tokens: int, rows: int) -> int:
+    """Key rows per block of the xla path's self-attention over a buffer of `rows` rows.
+    Ranges are whole chunks, so blocks of whole chunks (when a chunk fits K_BLOCK) end exactly
+    where a range does and none is partial."""
+    return min(chunk_tokens * (K_BLOCK // chunk_tokens) if chunk_tokens <= K_BLOCK else K_BLOCK, rows)
+
+
 class KeyBuffer(NamedTuple):
     """One layer's keys and values by global position: row i holds position `base + i`."""
 
@@ -343,8 +350,7 @@ def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: 
     lo, hi = _ranges(kv_range.astype(jnp.int32), base, rows, span)
     impl = impl or implementation(q.dtype)
     if impl == "xla":
-        # ranges are whole chunks: blocks of whole chunks (when a chunk fits one) end exactly there
-        kb = min(chunk_tokens * (K_BLOCK // chunk_tokens) if chunk_tokens <= K_BLOCK else K_BLOCK, rows)
+        kb = self_key_block(chunk_tokens, rows)
         return _xla(q, k, v, lo, hi, _Tiles(r, Q_BLOCK, kb, -(-span // kb), split_edge=True))
     # fused kernels take a key length: one chunk at a time (no stacked copies), its `span`
     # rows from its range's start, in the layout the kernel reads (laid out once, padded so

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from magi_jax import attention, sharding
-from magi_jax.attention import K_BLOCK, Q_BLOCK
+from magi_jax.attention import K_BLOCK, Q_BLOCK, self_key_block
 from magi_jax.config import MagiConfig
 from magi_jax.kv_cache import KVCache
 
@@ -87,7 +87,7 @@ def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
     memory."""
     q = min(a.n, Q_BLOCK)
     if impl == "xla":
-        kb = min(a.n * (K_BLOCK // a.n) if a.n <= K_BLOCK else K_BLOCK, a.keys)
+        kb = self_key_block(a.n, a.keys)
         score = a.rows * a.heads * q * 4 * 2
         return a.rows * 2 * a.keys * a.kv_row, score * kb, score * min(K_BLOCK, a.length)
     padded = a.rows * 2 * (a.keys + a.span) * a.kv_row
@@ -313,7 +313,7 @@ def plan_training_memory(
         # plus one key block per query tile: the range's partial block, run after the loop
         # (attention._Tiles.split_edge), keeps its residuals apart from the loop's
         qb = min(Q_BLOCK, n)
-        kb = min(n * (K_BLOCK // n) if n <= K_BLOCK else K_BLOCK, chunks * n)
+        kb = self_key_block(n, chunks * n)
         probs += b * (h // tp or 1) * -(-n // qb) * qb * kb * chunks * 4 // sizes["seq"]
     probs += b * (h // tp or 1) * s * length * 4  # cross-attention probabilities
     saved = (m.num_layers if remat else 0) * b * s * d * pd
