@@ -7,6 +7,7 @@ Pallas kernel inside shard_map (XLA cannot partition a Mosaic call itself)."""
 
 import importlib.util
 import json
+import re
 
 import jax
 import pytest
@@ -131,3 +132,50 @@ def test_pallas_attention_compiles_for_a_v5e_slice():
     # the float32 parts (embedders, final linear) keep their request for full precision
     # through the TPU compiler (tests/test_precision.py checks every matmul's request)
     assert "operand_precision={highest,highest}" in text
+
+
+def _instructions(text: str) -> dict:
+    """name -> (element type, dims) of every instruction in a compiled HLO text."""
+    return {
+        m.group(1): (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+        for m in re.finditer(r"%([\w.\-]+) = (\w+)\[([\d,]*)\]", text)
+    }
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='the TPU compiler (pip install "jax[tpu]")')
+def test_fp8_layers_and_grouped_attention_as_a_v5e_slice_runs_them():
+    """An fp8 TINY (3 layers: the middle one quantized) compiled for a v5e 2x4 slice, heads
+    over `model`. In the compiled HLO: the quantized layers multiply their fp8 values in one
+    16-bit pass with float32 results (the compiler folds the exact fp8 -> bf16 converts into
+    the product; computed in float32 they would ask for HIGHEST), and the only float32 x
+    float32 products are the float32 parts, at full precision; and each attention kernel call reads its device's
+    key/value heads only, the query heads of a group stacked as rows (K/V never repeated)."""
+    cfg = load_config("tiny").replace(
+        runtime=SMALL | dict(cfg_number=1),
+        model=dict(params_dtype="bfloat16", num_layers=3),
+        engine=dict(fp8_quant=True, distill=True),
+    )
+    mesh, _ = aot.slice_mesh("v5e-8", "model=2,seq=4")
+    p = aot.sampler_programs(cfg, mesh, "pallas", prefix_frames=0)[0]
+    with jax.default_matmul_precision("default"):
+        compiled, _ = aot.compile_program(p, mesh, "pallas")
+    text = compiled.as_text()
+    kinds = _instructions(text)
+
+    products = []
+    for m in re.finditer(r"= (\w+)\[[^\]]*\][^ ]* convolution\(%([\w.\-]+), %([\w.\-]+)\)([^\n]*)", text):
+        products.append((m.group(1), kinds[m.group(2)][0], kinds[m.group(3)][0], "{highest,highest}" in m.group(4)))
+    assert products and all(out == "f32" for out, *_ in products), products  # float32 accumulation
+    fp8 = [full for _, a, b, full in products if a == b == "f8e4m3fn"]
+    # the quantized layers, one 16-bit pass (float32 operands would ask for HIGHEST: 6 passes)
+    assert fp8 and not any(fp8), products
+    assert all(full for _, a, b, full in products if (a, b) == ("f32", "f32")), products
+
+    m = cfg.model
+    groups = m.num_query_groups // 2  # per device on model=2
+    calls = re.findall(r"custom-call\(%([\w.\-]+), %([\w.\-]+), %([\w.\-]+)[^\n]*tpu_custom_call", text)
+    assert calls
+    for q, k, v in calls:
+        (_, qd), (_, kd), (_, vd) = kinds[q], kinds[k], kinds[v]
+        assert qd[1] == kd[1] == vd[1] == groups, (qd, kd, vd)  # (chunks, kv heads, rows, head dim)
+        assert qd[-1] == kd[-1] == m.kv_channels
