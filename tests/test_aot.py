@@ -179,3 +179,38 @@ def test_fp8_layers_and_grouped_attention_as_a_v5e_slice_runs_them():
         (_, qd), (_, kd), (_, vd) = kinds[q], kinds[k], kinds[v]
         assert qd[1] == kd[1] == vd[1] == groups, (qd, kd, vd)  # (chunks, kv heads, rows, head dim)
         assert qd[-1] == kd[-1] == m.kv_channels
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='the TPU compiler (pip install "jax[tpu]")')
+def test_sequence_sharding_splits_activations_and_cache_on_a_v5e_slice():
+    """TINY at 256x256 (bf16, 4 layers; 512 tokens a chunk) compiled for a v5e 2x4 slice: the
+    largest window program's per-device bytes fall as `seq` grows (data=8 holds everything on
+    every chip), and on seq=8 no buffer holds whole chunks of token activations or the whole
+    KV cache: each chip's activations are an eighth of a chunk per chunk (the only whole-chunk
+    rows are one layer's keys, which attention gathers on purpose)."""
+    cfg = load_config("tiny").replace(
+        runtime=dict(SMALL, video_size_h=256, video_size_w=256),
+        model=dict(params_dtype="bfloat16", num_layers=4, ffn_hidden_size=384),  # no weight dim is a chunk's tokens
+    )
+    largest = {}
+    for mesh_text in ("data=8", "seq=2,data=4", "seq=4,data=2", "seq=8"):
+        records = aot.check(cfg, "v5e-8", mesh_text, programs=("largest_window",), label="tiny-256")
+        largest[mesh_text] = records[0].device_bytes
+    sizes = list(largest.values())
+    assert all(a > b for a, b in zip(sizes, sizes[1:])), largest
+
+    mesh, _ = aot.slice_mesh("v5e-8", "seq=8")
+    program = max(aot.sampler_programs(cfg, mesh, "pallas", prefix_frames=0), key=lambda p: p.chunks)
+    with jax.default_matmul_precision("default"):
+        compiled, _ = aot.compile_program(program, mesh, "pallas")
+    m, rt = cfg.model, cfg.runtime
+    h, w = rt.latent_hw
+    chunk = rt.chunk_width // m.t_patch_size * (h // m.patch_size) * (w // m.patch_size)
+    assert chunk == 512
+    shapes = {s for _, s in _instructions(compiled.as_text()).values()}
+    whole = {chunk * c for c in range(1, program.chunks + 1)}
+    activations = [s for s in shapes if s and s[-1] == m.hidden_size]
+    assert not [s for s in activations if whole & set(s)], activations
+    assert [s for s in activations if chunk // 8 in s]  # an eighth of a chunk on each chip
+    cache = [s for s in shapes if len(s) == 4 and s[0] == m.num_layers]
+    assert cache and all(s[1] < chunk for s in cache), cache  # the cache's rows split over seq
