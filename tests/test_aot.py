@@ -17,6 +17,9 @@ from magi_jax.config import load_config
 from magi_jax.sampler_plan import layout, plan
 
 SMALL = dict(num_frames=16, num_steps=4, window_size=2, video_size_h=32, video_size_w=32)
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason='the TPU compiler (pip install "jax[tpu]")'
+)
 
 
 def _tiny(**model):
@@ -113,25 +116,16 @@ def test_bad_requests_are_one_clear_error(capsys):
         aot.main(["--config", "7B_base"])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='the TPU compiler (pip install "jax[tpu]")')
-def test_pallas_attention_compiles_for_a_v5e_slice():
-    """bfloat16 TINY on a v5e 2x4 slice, heads over `model`: the attention kernel is a Mosaic
-    custom call, which compiles only inside shard_map (without it: "Mosaic kernels cannot be
-    automatically partitioned")."""
-    cfg = _tiny(params_dtype="bfloat16")  # 4 query heads, 2 kv heads: both split over model=2
-    devices, hbm = aot.topology("v5e-8")
-    assert len(devices) == 8 and hbm == 16 * aot.GiB
-    records = aot.check(cfg, "v5e-8", "model=2,seq=4", programs=("window",), label="tiny-bf16")
-    assert records and all(r.fits for r in records)
-    mesh, _ = aot.slice_mesh("v5e-8", "model=2,seq=4")
-    p = aot.sampler_programs(cfg, mesh, "pallas", prefix_frames=0)[0]
-    with jax.default_matmul_precision("default"):  # as a run on the slice: not the session's `highest`
-        compiled, _ = aot.compile_program(p, mesh, "pallas")
-    text = compiled.as_text()
-    assert "tpu_custom_call" in text
-    # the float32 parts (embedders, final linear) keep their request for full precision
-    # through the TPU compiler (tests/test_precision.py checks every matmul's request)
-    assert "operand_precision={highest,highest}" in text
+def _v5e_window_hlo(cfg, mesh_text: str, largest: bool = False):
+    """Compiled HLO text of a T2V window program of `cfg` on a v5e 2x4 slice, compiled as a run
+    there would be (the default matmul precision, not the session's `highest`): the first
+    window, or with `largest` the window of most chunks. Returns (text, the window's chunks)."""
+    mesh, _ = aot.slice_mesh("v5e-8", mesh_text)
+    programs = aot.sampler_programs(cfg, mesh, "pallas", prefix_frames=0)
+    program = max(programs, key=lambda p: p.chunks) if largest else programs[0]
+    with jax.default_matmul_precision("default"):
+        compiled, _ = aot.compile_program(program, mesh, "pallas")
+    return compiled.as_text(), program.chunks
 
 
 def _instructions(text: str) -> dict:
@@ -142,24 +136,38 @@ def _instructions(text: str) -> dict:
     }
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='the TPU compiler (pip install "jax[tpu]")')
+@needs_libtpu
+def test_pallas_attention_compiles_for_a_v5e_slice():
+    """bfloat16 TINY on a v5e 2x4 slice, heads over `model`: the attention kernel is a Mosaic
+    custom call, which compiles only inside shard_map (without it: "Mosaic kernels cannot be
+    automatically partitioned")."""
+    cfg = _tiny(params_dtype="bfloat16")  # 4 query heads, 2 kv heads: both split over model=2
+    devices, hbm = aot.topology("v5e-8")
+    assert len(devices) == 8 and hbm == 16 * aot.GiB
+    records = aot.check(cfg, "v5e-8", "model=2,seq=4", programs=("window",), label="tiny-bf16")
+    assert records and all(r.fits for r in records)
+    text, _ = _v5e_window_hlo(cfg, "model=2,seq=4")
+    assert "tpu_custom_call" in text
+    # the float32 parts (embedders, final linear) keep their request for full precision
+    # through the TPU compiler (tests/test_precision.py checks every matmul's request)
+    assert "operand_precision={highest,highest}" in text
+
+
+@needs_libtpu
 def test_fp8_layers_and_grouped_attention_as_a_v5e_slice_runs_them():
     """An fp8 TINY (3 layers: the middle one quantized) compiled for a v5e 2x4 slice, heads
     over `model`. In the compiled HLO: the quantized layers multiply their fp8 values in one
     16-bit pass with float32 results (the compiler folds the exact fp8 -> bf16 converts into
-    the product; computed in float32 they would ask for HIGHEST), and the only float32 x
-    float32 products are the float32 parts, at full precision; and each attention kernel call reads its device's
-    key/value heads only, the query heads of a group stacked as rows (K/V never repeated)."""
+    the product; computed in float32 they would ask for HIGHEST); the only float32 x float32
+    products are the float32 parts, at full precision; and each attention kernel call reads
+    its device's key/value heads only, the query heads of a group stacked as rows (K/V never
+    repeated)."""
     cfg = load_config("tiny").replace(
         runtime=SMALL | dict(cfg_number=1),
         model=dict(params_dtype="bfloat16", num_layers=3),
         engine=dict(fp8_quant=True, distill=True),
     )
-    mesh, _ = aot.slice_mesh("v5e-8", "model=2,seq=4")
-    p = aot.sampler_programs(cfg, mesh, "pallas", prefix_frames=0)[0]
-    with jax.default_matmul_precision("default"):
-        compiled, _ = aot.compile_program(p, mesh, "pallas")
-    text = compiled.as_text()
+    text, _ = _v5e_window_hlo(cfg, "model=2,seq=4")
     kinds = _instructions(text)
 
     products = []
@@ -181,7 +189,7 @@ def test_fp8_layers_and_grouped_attention_as_a_v5e_slice_runs_them():
         assert qd[-1] == kd[-1] == m.kv_channels
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason='the TPU compiler (pip install "jax[tpu]")')
+@needs_libtpu
 def test_sequence_sharding_splits_activations_and_cache_on_a_v5e_slice():
     """TINY at 256x256 (bf16, 4 layers; 512 tokens a chunk) compiled for a v5e 2x4 slice: the
     largest window program's per-device bytes fall as `seq` grows (data=8 holds everything on
@@ -199,16 +207,11 @@ def test_sequence_sharding_splits_activations_and_cache_on_a_v5e_slice():
     sizes = list(largest.values())
     assert all(a > b for a, b in zip(sizes, sizes[1:])), largest
 
-    mesh, _ = aot.slice_mesh("v5e-8", "seq=8")
-    program = max(aot.sampler_programs(cfg, mesh, "pallas", prefix_frames=0), key=lambda p: p.chunks)
-    with jax.default_matmul_precision("default"):
-        compiled, _ = aot.compile_program(program, mesh, "pallas")
-    m, rt = cfg.model, cfg.runtime
-    h, w = rt.latent_hw
-    chunk = rt.chunk_width // m.t_patch_size * (h // m.patch_size) * (w // m.patch_size)
+    text, chunks = _v5e_window_hlo(cfg, "seq=8", largest=True)
+    m, chunk = cfg.model, layout(cfg).chunk_tokens
     assert chunk == 512
-    shapes = {s for _, s in _instructions(compiled.as_text()).values()}
-    whole = {chunk * c for c in range(1, program.chunks + 1)}
+    shapes = {s for _, s in _instructions(text).values()}
+    whole = {chunk * c for c in range(1, chunks + 1)}
     activations = [s for s in shapes if s and s[-1] == m.hidden_size]
     assert not [s for s in activations if whole & set(s)], activations
     assert [s for s in activations if chunk // 8 in s]  # an eighth of a chunk on each chip
