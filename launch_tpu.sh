@@ -5,9 +5,11 @@
 #
 # Every run leaves each worker in the same state, however many times it is repeated:
 #   ~/magi-jax        this checkout's files, replaced whole (no .git, .venv, outputs or caches)
-#   ~/magi-jax-venv   a virtualenv with requirements.txt and TPU JAX (made once, then updated)
+#   ~/magi-jax-venv   a virtualenv with the package's runtime, gcsfs and TPU JAX (made once, then updated)
 # A stock TPU VM image may lack python3-venv: virtualenv is then installed with pip --user.
 # jax.distributed joins the workers (MAGI_DISTRIBUTED=1); only process 0 writes the video.
+# Checkpoints may be gs:// URLs (--dit_ckpt gs://bucket/4.5B_distill.magi_jax ...): every worker
+# reads the same converted checkpoints from the bucket.
 # --dry-run prints the commands instead of running them (no gcloud needed).
 set -euo pipefail
 dry=0
@@ -33,6 +35,6 @@ ssh=(gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command
 run gcloud compute tpus tpu-vm scp --zone "$zone" --worker=all "$bundle" "$tpu:magi-jax.tgz"
 # replace the code whole (files removed here disappear there too), then the environment
 run "${ssh[@]}" 'rm -rf ~/magi-jax.new && mkdir ~/magi-jax.new && tar -xzf ~/magi-jax.tgz -C ~/magi-jax.new && rm -rf ~/magi-jax && mv ~/magi-jax.new ~/magi-jax && rm ~/magi-jax.tgz'
-run "${ssh[@]}" 'test -x ~/magi-jax-venv/bin/python || python3 -m venv ~/magi-jax-venv || { python3 -m pip install -q --user virtualenv && python3 -m virtualenv ~/magi-jax-venv; }; ~/magi-jax-venv/bin/pip install -q -r ~/magi-jax/requirements.txt "jax[tpu]"'
+run "${ssh[@]}" 'test -x ~/magi-jax-venv/bin/python || python3 -m venv ~/magi-jax-venv || { python3 -m pip install -q --user virtualenv && python3 -m virtualenv ~/magi-jax-venv; }; ~/magi-jax-venv/bin/pip install -q "$HOME/magi-jax[gcs]" "jax[tpu]"'
 args=$(printf ' %q' "$@")
 run "${ssh[@]}" "cd ~/magi-jax && MAGI_DISTRIBUTED=1 ~/magi-jax-venv/bin/python -m magi_jax.generate --config_file $(printf '%q' "$config")$args"

@@ -4,7 +4,8 @@ A checkpoint folder holds
   params/          the orbax (tensorstore) arrays, one per leaf of our parameter tree;
   magi_jax.json    what it is: {"model": "dit" | "vae" | "t5", "config": {...}, "summary": {...}}.
 It is written to `<out>.tmp-<pid>` and renamed into place at the end, so an interrupted
-conversion never leaves a folder that looks complete.
+conversion never leaves a folder that looks complete. Once written, the folder may be
+copied to a bucket and read from its gs:// URL (storage.py).
 
 Restoring takes the abstract parameter tree of the model the config describes (shapes,
 dtypes and, when given, shardings), so arrays land directly where they will be used - on
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from magi_jax.storage import is_url, location
 from magi_jax.tensor_file import CheckpointError
 
 META = "magi_jax.json"
@@ -102,6 +104,10 @@ def save(
     `dtype` records the parameter dtype; `files` (e.g. a tokenizer's spiece.model) are copied
     into the folder next to the arrays.
     """
+    if is_url(out):  # a bucket has no rename: write here, then copy the finished folder up
+        raise CheckpointError(
+            f"{out}: write checkpoints to a local folder, then copy it to the bucket (gcloud storage cp -r)"
+        )
     out = Path(out).resolve()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -124,7 +130,7 @@ def save(
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    path = Path(path)
+    path = location(path)
     meta = path / META
     if not meta.exists() or not (path / PARAMS).is_dir():
         raise CheckpointError(
@@ -134,7 +140,7 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 
 def is_checkpoint(path) -> bool:
-    p = Path(path)
+    p = location(path)
     return (p / META).exists() and (p / PARAMS).is_dir()
 
 
@@ -143,7 +149,8 @@ def restore(path: str | os.PathLike, expected: dict, model: str, shardings: dict
 
     `shardings` ({path: jax.sharding.Sharding}) places each array as it is read.
     """
-    path = Path(path).resolve()
+    path = location(path)
+    path = path if is_url(path) else path.resolve()
     meta = read_meta(path)
     if meta.get("model") != model:
         raise CheckpointError(f"{path} holds a {meta.get('model')!r} checkpoint, expected {model!r}")

@@ -146,11 +146,10 @@ def check_weight_kind(path, config: MagiConfig) -> None:
     tells them apart: the released folder name (`inference_weight[.fp8][.distill]`) or the
     engine config a converted checkpoint was written with.
     """
-    from pathlib import Path
-
     from magi_jax import checkpoint
+    from magi_jax.storage import location
 
-    path = Path(path)
+    path = location(path)
     ours = (config.engine.distill, config.engine.fp8_quant)
     if checkpoint.is_checkpoint(path):
         engine = checkpoint.read_meta(path).get("config", {}).get("engine_config")
@@ -181,6 +180,7 @@ def load_dit(path, config: MagiConfig, mesh=None, progress=None) -> DiT:
     (one copy of the model) and sent shard by shard.
     """
     from magi_jax import checkpoint, sharding
+    from magi_jax.storage import local
 
     check_weight_kind(path, config)
     abstract = abstract_dit(config)
@@ -197,5 +197,5 @@ def load_dit(path, config: MagiConfig, mesh=None, progress=None) -> DiT:
             )
         arrays = checkpoint.restore(path, expected, "dit", shardings)
     else:
-        arrays = convert_torch(path, dit_rules(config), abstract, progress=progress)
+        arrays = convert_torch(local(path, "released DiT weights"), dit_rules(config), abstract, progress=progress)
     return build_model(abstract, arrays, shardings)  # the structure traced once

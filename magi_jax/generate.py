@@ -236,6 +236,13 @@ def resolve(args: argparse.Namespace) -> Plan:
     prefix = 1 if image is not None else 0 if video is None else (1 if len(video) == 1 else len(video) // tdf)
     check_fits(plan_memory(config, mesh, prefix))  # refuse, with the numbers, what cannot fit a device
     dit_source = None if random_weights else _dit_source(config)  # weights must exist
+    if not random_weights:  # a bucket holds converted checkpoints only: say so before anything loads
+        from magi_jax.pipeline import T5_WEIGHTS, VAE_WEIGHTS, weights_source
+        from magi_jax.storage import is_url
+
+        for given, what in ((rt.t5_pretrained, T5_WEIGHTS), (rt.vae_pretrained, VAE_WEIGHTS)):
+            if is_url(given):
+                weights_source(given, what)
     loras = _loras(args.lora, config)
     keep = Path(args.prefix_video_path) if args.extend else None
     return Plan(
@@ -273,10 +280,11 @@ def _dit_source(config: MagiConfig) -> Path:
     """Where the DiT weights are: a magi-jax checkpoint, or upstream's inference_weight folder."""
     from magi_jax.checkpoint import CONVERTED_SUFFIX, is_checkpoint
     from magi_jax.dit_weights import check_weight_kind
+    from magi_jax.storage import local, location
 
     if not config.runtime.load:
         raise ConfigError("runtime_config.load is empty; pass --dit_ckpt or set load to the downloaded model folder")
-    root = Path(config.runtime.load)
+    root = location(config.runtime.load)
     if is_checkpoint(root):
         return root
     sub = (
@@ -288,7 +296,7 @@ def _dit_source(config: MagiConfig) -> Path:
             and (any(candidate.glob("*.safetensors*")) or (candidate / "model.safetensors.index.json").exists())
         ):
             check_weight_kind(candidate, config)  # base vs distilled weights share every key: check now
-            return candidate
+            return candidate if is_checkpoint(candidate) else local(candidate, "released DiT weights")
     raise ConfigError(
         f"no DiT weights under {root}: expected {root / sub}/model.safetensors (or its shards), as released, or a "
         f"checkpoint written by convert_torch_weights.py; check --dit_ckpt / runtime_config.load"

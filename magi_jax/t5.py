@@ -97,10 +97,12 @@ class Tokenizer:
     def __init__(self, spiece_model):
         import sentencepiece
 
-        path = Path(spiece_model)
+        from magi_jax.storage import location
+
+        path = location(spiece_model)  # a converted checkpoint's copy may be in a bucket
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no spiece.model (the T5 tokenizer's SentencePiece model)")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=path.read_bytes())
         n = self.sp.get_piece_size()
         self.special = {"<pad>": PAD_ID, "</s>": EOS_ID, "<unk>": UNK_ID}
         self.special.update({f"<extra_id_{i}>": n + SENTINELS - 1 - i for i in range(SENTINELS)})
@@ -291,7 +293,9 @@ class TextEncoder:
 def hf_folder(path) -> Path:
     """The folder holding config.json / spiece.model: `path` or its `t5-v1_1-xxl` child
     (upstream's t5_pretrained points at the parent)."""
-    path = Path(path)
+    from magi_jax.storage import local
+
+    path = local(path, "released T5 weights")
     for candidate in (path, path / "t5-v1_1-xxl"):
         if (candidate / "config.json").exists():
             return candidate
@@ -393,8 +397,9 @@ def load_text_encoder(path, dtype=jnp.float32, placement=None) -> TextEncoder:
     it), or from a magi-jax checkpoint of it; MAGI-1 runs the encoder in float32. The weights
     are read on the host and go straight to `placement` (see TextEncoder)."""
     from magi_jax import checkpoint
+    from magi_jax.storage import location
 
-    path = Path(path)
+    path = location(path)
     if checkpoint.is_checkpoint(path):
         meta = checkpoint.read_meta(path)
         cfg = T5Config(**meta["config"])

@@ -101,7 +101,9 @@ def build_vae(cfg: VaeConfig, arrays: dict, dtype=jnp.bfloat16, attention_dtype=
 
 def find_vae_files(path) -> tuple[Path, Path]:
     """(config.json, weights) of a released VAE folder, or of a weights file and its folder."""
-    path = Path(path)
+    from magi_jax.storage import local
+
+    path = local(path, "released VAE weights")
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.exists():

@@ -19,15 +19,19 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
-def _runtime_requirements() -> list[str]:
-    lines = (ROOT / "requirements.txt").read_text().splitlines()
-    out = []
-    for line in lines:
-        if line.startswith("# Tests"):
-            break
-        if line.strip() and not line.startswith("#"):
-            out.append(line.strip())
-    return out
+def _requirements(section: str) -> list[str]:
+    """The requirement lines of requirements.txt's `section`: "runtime" (up to the first
+    optional section), "optional" (the pyproject extras' part) or "tests"."""
+    out = {"runtime": [], "optional": [], "tests": []}
+    part = "runtime"
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if line.startswith("# Optional"):
+            part = "optional"
+        elif line.startswith("# Tests"):
+            part = "tests"
+        elif line.strip() and not line.startswith("#"):
+            out[part].append(line.split("#")[0].strip())
+    return out[section]
 
 
 def _imported_distributions() -> set[str]:
@@ -48,12 +52,17 @@ def _imported_distributions() -> set[str]:
 
 
 def test_requirements_list_what_is_imported():
-    assert {_name(r) for r in _runtime_requirements()} == _imported_distributions()
+    """Runtime and optional requirements together are exactly what magi_jax imports."""
+    listed = {_name(r) for r in _requirements("runtime") + _requirements("optional")}
+    assert listed == _imported_distributions()
 
 
 def test_pyproject_dependencies_equal_requirements():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["dependencies"] == _runtime_requirements()
+    assert project["dependencies"] == _requirements("runtime")
+    extras = project["optional-dependencies"]
+    assert sorted(sum((v for k, v in extras.items() if k != "test"), [])) == sorted(_requirements("optional"))
+    assert extras["test"] == _requirements("tests")
     assert any(r.startswith("jax>=0.7.1") for r in project["dependencies"]), "jax.set_mesh needs jax >= 0.7.1"
 
 

@@ -238,6 +238,7 @@ def test_launch_tpu_dry_run_prints_an_idempotent_deployment():
         "--worker=all" in unpack and r"rm\ -rf\ ~/magi-jax\ " in unpack and r"mv\ ~/magi-jax.new\ ~/magi-jax" in unpack
     )
     assert r"python3\ -m\ virtualenv" in env and "magi-jax-venv" in env  # no python3-venv needed
+    assert r"\"\$HOME/magi-jax\[gcs\]\"" in env and "requirements.txt" not in env  # gs:// paths, no test tools
     assert r"MAGI_DISTRIBUTED=1" in generate and r"--config_file\ 24B_distill" in generate
     assert r"--prompt\ a\\\ red\\\ fox" in generate
     again = [line.strip() for line in runs[1].stdout.splitlines()]
