@@ -22,9 +22,10 @@ Implementations (`implementation()` picks one per backend; MAGI_ATTENTION overri
           end only (a dynamic trip count, so masked keys cost nothing); the parity reference
           (CPU default; also every float32 run, which cuDNN does not take)
   cudnn   NVIDIA GPUs: cuDNN flash attention through jax.nn.dot_product_attention
-  pallas  TPUs: the Pallas flash-attention kernel
+  pallas  TPUs: our Pallas kernel (pallas_attention.py), which reads the key buffer in place
+          and walks only the key blocks of each chunk's range (Pallas's interpreter off TPU)
   dpa     jax.nn.dot_product_attention's portable XLA path with the layout cuDNN gets
-The fused kernels take a key length, so they get, per chunk, the `span` rows starting at the
+cudnn and dpa take a key length, so they get, per chunk, the `span` rows starting at the
 range's start (the buffer is padded by `span` rows so that slice always exists).
 
 Shapes: S query tokens = R chunks x N tokens, H query heads, G key/value heads, D head dim,
@@ -34,6 +35,7 @@ K key rows, L caption tokens.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -77,7 +79,8 @@ def using(name: str | None):
 
 
 def available_implementations() -> list[str]:
-    """Implementations that can run here (the backend's kernel, plus the portable ones)."""
+    """Implementations compiled for this backend: the portable ones and its kernel (elsewhere
+    the Pallas kernel runs only in Pallas's interpreter, which tests use)."""
     out = ["xla", "dpa"]
     backend = jax.default_backend()
     if backend in ("gpu", "cuda"):
@@ -269,48 +272,98 @@ def _xla(q, k, v, lo, hi, tiles: _Tiles):
 
 
 def _fused(qc, kc, vc, lengths, kind: str):
-    """qc (R, N, H, D); kc, vc (R, K, G, D) each chunk's keys first (cudnn, dpa) or
-    (R, G, K, D) (pallas); lengths (R,). -> (R, N, H, D)."""
-    if kind == "pallas":
-        out = _on_shards(_pallas_tpu, qc, kc, vc, lengths)
-    else:
-        out = jax.nn.dot_product_attention(
-            qc,
-            kc,
-            vc,
-            key_value_seq_lengths=lengths.astype(jnp.int32),
-            implementation="cudnn" if kind == "cudnn" else "xla",
-        )
+    """qc (R, N, H, D); kc, vc (R, K, G, D) each chunk's keys first; lengths (R,). -> (R, N, H, D)."""
+    out = jax.nn.dot_product_attention(
+        qc,
+        kc,
+        vc,
+        key_value_seq_lengths=lengths.astype(jnp.int32),
+        implementation="cudnn" if kind == "cudnn" else "xla",
+    )
     return jnp.where(lengths[:, None, None, None] > 0, out, 0).astype(qc.dtype)  # no key: zeros
 
 
-def _on_shards(kernel, qc, kt, vt, lengths):
-    """Runs a Pallas kernel on each device's shard under a mesh (XLA cannot partition a
-    Mosaic custom call itself): query and key/value heads over `model`, query tokens over
-    `seq`, where those axes divide them; each device reads its heads' whole key rows (a chunk's
-    visible span). Without a mesh: the kernel as is."""
+def _on_shards(kernel, qc, kt, vt, *scalars):
+    """Runs a Pallas kernel on each device's shard under a mesh (XLA cannot partition a Mosaic
+    custom call itself): query and key/value heads over `model` where it divides both, query
+    tokens over `seq` (padded to a multiple of it); each device reads its heads' whole key rows. qc (R, N, H, D);
+    kt, vt (G, K, D) or (R, G, K, D); scalars: (R,) per chunk. Without a mesh: the kernel as is."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return kernel(qc, kt, vt, lengths)
-    from jax.sharding import PartitionSpec as P
+    # 16-bit inputs multiply exactly in any precision; Mosaic refuses a float32 precision on
+    # them, which a process-wide setting (JAX_DEFAULT_MATMUL_PRECISION=highest) would ask for
+    with jax.default_matmul_precision("default"):
+        if mesh.empty:
+            return kernel(qc, kt, vt, *scalars)
+        from jax.sharding import PartitionSpec as P
 
-    def axis(name, size):
-        n = mesh.shape.get(name, 1)
-        return name if n > 1 and size % n == 0 else None
+        def axis(name, size):
+            n = mesh.shape.get(name, 1)
+            return name if n > 1 and size % n == 0 else None
 
-    r, n, h, _ = qc.shape
-    g = kt.shape[1]
-    heads = axis("model", g) if axis("model", h) else None  # both head counts, or neither
-    q_spec = P(None, axis("seq", n), heads, None)
-    kv_spec = P(None, heads, None, None)
-    return jax.shard_map(
-        kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, P()), out_specs=q_spec, check_vma=False
-    )(qc, kt, vt, lengths)
+        r, n, h, _ = qc.shape
+        # a chunk's query tokens padded to a multiple of `seq`, so that they split rather than
+        # run whole on every device (a 4.5B chunk at 720x720 is 12,150 tokens); the padded
+        # queries' outputs are dropped, and no key is added
+        seq = mesh.shape.get("seq", 1)
+        padded = qc if n % seq == 0 else jnp.pad(qc, ((0, 0), (0, -n % seq), (0, 0), (0, 0)))
+        heads = axis("model", kt.shape[-3]) if axis("model", h) else None  # both head counts, or neither
+        q_spec = P(None, axis("seq", padded.shape[1]), heads, None)
+        kv_spec = P(*[None] * (kt.ndim - 3), heads, None, None)
+        specs = (q_spec, kv_spec, kv_spec, *[P()] * len(scalars))
+        out = jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(
+            padded, kt, vt, *scalars
+        )
+        return out[:, :n]
 
 
-def _pallas_tpu(qc, kt, vt, lengths):
-    """The TPU kernel wants as many kv heads as query heads: instead of repeating K/V, each
-    group's H/G query heads become extra query rows (no causal mask, so rows are independent)."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _pallas(qc, kt, vt, lo, hi, span: int):
+    """Our block-sparse kernel (pallas_attention.py): qc (R, N, H, D); kt, vt (G, K, D) the
+    key buffer, or (R, G, K, D) a buffer per chunk; each chunk reads its rows [lo, hi)."""
+    from magi_jax.pallas_attention import ranged_attention
+
+    return _on_shards(functools.partial(ranged_attention, span=span), qc, kt, vt, lo, hi)
+
+
+def _pallas_fwd(qc, kt, vt, lo, hi, span):
+    return _pallas(qc, kt, vt, lo, hi, span), (qc, kt, vt, lo, hi)
+
+
+def _pallas_bwd(span, saved, grad):
+    # training differentiates Pallas's own flash-attention kernel, which has fused backward
+    # kernels and keeps O(tokens) residuals: it recomputes the forward over each chunk's
+    # `span` rows (a slice from its start, the rest masked by segment ids)
+    qc, kt, vt, lo, hi = saved
+    _, pullback = jax.vjp(lambda q, k, v: _flash_by_slices(q, k, v, lo, hi, span), qc, kt, vt)
+    return (*pullback(grad), None, None)
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+def _flash_by_slices(qc, kt, vt, lo, hi, span: int):
+    """The same attention through Pallas's flash-attention kernel (differentiable): a per-chunk
+    buffer is read whole with a length mask; the shared buffer one chunk at a time, its `span`
+    rows (rounded up to the kernel's 128) from the range's start."""
+    if kt.ndim == 4:  # lo is 0
+        pad = ((0, 0), (0, 0), (0, -kt.shape[2] % 128), (0, 0))
+        return _on_shards(_flash_tpu, qc, jnp.pad(kt, pad), jnp.pad(vt, pad), hi)
+    width = -(-span // 128) * 128
+    pad = ((0, 0), (0, width), (0, 0))
+    kt, vt = jnp.pad(kt, pad), jnp.pad(vt, pad)
+
+    def one(a):
+        q1, start, length = a
+        kc = jax.lax.dynamic_slice_in_dim(kt, start, width, 1)[None]
+        vc = jax.lax.dynamic_slice_in_dim(vt, start, width, 1)[None]
+        return _on_shards(_flash_tpu, q1[None], kc, vc, length[None])[0]
+
+    return jax.lax.map(one, (qc, lo, hi - lo))
+
+
+def _flash_tpu(qc, kt, vt, lengths):
+    """Pallas's TPU flash-attention kernel, which wants as many kv heads as query heads: each
+    group's H/G query heads become extra query rows instead (K/V are not repeated)."""
     from jax.experimental.pallas.ops.tpu.flash_attention import SegmentIds, flash_attention
 
     r, n, h, d = qc.shape
@@ -320,11 +373,9 @@ def _pallas_tpu(qc, kt, vt, lengths):
     q = jnp.pad(q, ((0, 0), (0, 0), (0, -q.shape[2] % 128), (0, 0)))
     kv_ids = (jnp.arange(kk)[None, :] < lengths[:, None]).astype(jnp.int32)
     ids = SegmentIds(q=jnp.ones((r, q.shape[2]), jnp.int32), kv=kv_ids)
-    # 16-bit inputs multiply exactly in any precision; Mosaic refuses a float32 precision on
-    # them, which a process-wide setting (JAX_DEFAULT_MATMUL_PRECISION=highest) would ask for
-    with jax.default_matmul_precision("default"):
-        out = flash_attention(q, kt, vt, segment_ids=ids, sm_scale=1.0 / math.sqrt(d))
-    return out[:, :, : rep * n].reshape(r, g, rep, n, d).transpose(0, 3, 1, 2, 4).reshape(r, n, h, d)
+    out = flash_attention(q, kt, vt, segment_ids=ids, sm_scale=1.0 / math.sqrt(d))
+    out = out[:, :, : rep * n].reshape(r, g, rep, n, d).transpose(0, 3, 1, 2, 4).reshape(r, n, h, d)
+    return jnp.where(lengths[:, None, None, None] > 0, out, 0).astype(qc.dtype)  # no key: zeros
 
 
 def _ranges(kv_range, base, rows: int, span: int):
@@ -352,24 +403,21 @@ def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: 
     if impl == "xla":
         kb = self_key_block(chunk_tokens, rows)
         return _xla(q, k, v, lo, hi, _Tiles(r, Q_BLOCK, kb, -(-span // kb), split_edge=True))
-    # fused kernels take a key length: one chunk at a time (no stacked copies), its `span`
-    # rows from its range's start, in the layout the kernel reads (laid out once, padded so
-    # every slice exists)
-    if impl == "pallas":
-        span = -(-span // 128) * 128  # the kernel's block sizes divide the key length
-        axis, pad = 1, ((0, 0), (0, span), (0, 0))
-        k, v = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)  # (G, K, D)
-    else:
-        axis, pad = 0, ((0, span), (0, 0), (0, 0))
+    qc = q.reshape(r, chunk_tokens, *q.shape[1:])
+    if impl == "pallas":  # the buffer read in place, each chunk's range only (block-sparse)
+        kt, vt = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)  # (G, K, D), laid out once per layer
+        return _pallas(qc, kt, vt, lo, hi, span).reshape(q.shape)
+    # cudnn and dpa take a key length: one chunk at a time (no stacked copies), its `span` rows
+    # from its range's start (the buffer padded so that every slice exists)
+    pad = ((0, span), (0, 0), (0, 0))
     k, v = jnp.pad(k, pad), jnp.pad(v, pad)
 
     def one(a):
         qc, start, length = a
-        kc = jax.lax.dynamic_slice_in_dim(k, start, span, axis)[None]
-        vc = jax.lax.dynamic_slice_in_dim(v, start, span, axis)[None]
+        kc = jax.lax.dynamic_slice_in_dim(k, start, span, 0)[None]
+        vc = jax.lax.dynamic_slice_in_dim(v, start, span, 0)[None]
         return _fused(qc[None], kc, vc, length[None], impl)[0]
 
-    qc = q.reshape(r, chunk_tokens, *q.shape[1:])
     return jax.lax.map(one, (qc, lo, hi - lo)).reshape(q.shape)
 
 
@@ -386,7 +434,7 @@ def chunk_cross_attention(q, k, v, caption_mask, chunk_tokens: int, block: int |
         kb = min(block or K_BLOCK, k.shape[1])
         return _xla(q, k, v, jnp.zeros_like(lengths), lengths, _Tiles(r, Q_BLOCK, kb, -(-k.shape[1] // kb)))
     qc = q.reshape(r, chunk_tokens, *q.shape[1:])
-    if impl == "pallas":
-        pad = ((0, 0), (0, 0), (0, -k.shape[1] % 128), (0, 0))
-        k, v = jnp.pad(jnp.swapaxes(k, 1, 2), pad), jnp.pad(jnp.swapaxes(v, 1, 2), pad)
+    if impl == "pallas":  # (R, G, L, D): each chunk's caption, its first `lengths` tokens
+        kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        return _pallas(qc, kt, vt, jnp.zeros_like(lengths), lengths, k.shape[1]).reshape(q.shape)
     return _fused(qc, k, v, lengths, impl).reshape(q.shape)

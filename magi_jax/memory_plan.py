@@ -75,6 +75,8 @@ class _AttentionShape:
     length: int  # caption tokens
     kv_row: int  # bytes of one key row (G x D in the params dtype)
     kv_heads_dim: int  # G x D per device (kv_row / kv_heads_dim: bytes per element)
+    tokens: int  # query tokens of the pass on this device (all its chunks)
+    head_dim: int
 
 
 def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
@@ -83,13 +85,18 @@ def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
     xla: the (G, K, D) copy of the key buffer the flash loop reads; per row one float32 score
     tile, Q_BLOCK queries x one key block (the probabilities are computed into it). dpa: the
     buffer padded by `span` rows; a chunk's whole scores (the portable path does not tile).
-    cudnn / pallas: the padded buffer; scores stay on chip, only the softmax statistics reach
-    memory."""
+    cudnn: the padded buffer; scores stay on chip, only the softmax statistics reach memory.
+    pallas: the (G, K, D) copy of the key buffer the kernel reads in place; scores and
+    statistics stay on chip; the query rows regrouped by key head, and the output, are copies."""
     q = min(a.n, Q_BLOCK)
     if impl == "xla":
         kb = self_key_block(a.n, a.keys)
         score = a.rows * a.heads * q * 4 * 2
         return a.rows * 2 * a.keys * a.kv_row, score * kb, score * min(K_BLOCK, a.length)
+    if impl == "pallas":
+        item = a.kv_row // a.kv_heads_dim
+        regrouped = 2 * a.rows * a.tokens * a.heads * a.head_dim * item  # all of the pass's chunks at once
+        return a.rows * 2 * a.keys * a.kv_row, regrouped, regrouped
     padded = a.rows * 2 * (a.keys + a.span) * a.kv_row
     if impl == "dpa":
         item = a.kv_row // a.kv_heads_dim  # bytes of an input element
@@ -167,7 +174,9 @@ def plan_memory(
             kv = rows * 2 * keys * kv_row + 2 * window * kv_row  # the key buffer per row, the cache window
             qkv = rows * s * (2 * h + 2 * g) * hd * pd // model_split
             span = min(call.kv_span or keys, keys)
-            shape = _AttentionShape(rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split)
+            shape = _AttentionShape(
+                rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split, s, hd
+            )
             layout_kv, tile, cross = _attention_bytes(impl, shape)
             kv += layout_kv
             cross += rows * r * length * 2 * kv_row  # the chunks' caption keys and values

@@ -181,35 +181,41 @@ def test_fp8_layers_and_grouped_attention_as_a_v5e_slice_runs_them():
 
     m = cfg.model
     groups = m.num_query_groups // 2  # per device on model=2
-    calls = re.findall(r"custom-call\(%([\w.\-]+), %([\w.\-]+), %([\w.\-]+)[^\n]*tpu_custom_call", text)
-    assert calls
-    for q, k, v in calls:
+    # our kernel's operands: each chunk's key range (lo, hi), then q, k, v
+    operand = r"%([\w.\-]+)"
+    calls = re.findall(rf"custom-call\({', '.join([operand] * 5)}\)[^\n]*tpu_custom_call", text)
+    assert calls and len(calls) == text.count("tpu_custom_call")
+    for _, _, q, k, v in calls:
         (_, qd), (_, kd), (_, vd) = kinds[q], kinds[k], kinds[v]
-        assert qd[1] == kd[1] == vd[1] == groups, (qd, kd, vd)  # (chunks, kv heads, rows, head dim)
+        # q ([guidance rows,] chunks, kv heads, rows, head dim); k, v (kv heads, rows, head dim),
+        # or per chunk
+        assert qd[-3] == kd[-3] == vd[-3] == groups, (qd, kd, vd)
         assert qd[-1] == kd[-1] == m.kv_channels
 
 
 @needs_libtpu
 def test_sequence_sharding_splits_activations_and_cache_on_a_v5e_slice():
-    """TINY at 256x256 (bf16, 4 layers; 512 tokens a chunk) compiled for a v5e 2x4 slice: the
+    """TINY at 512x512 (bf16, 4 layers; 2,048 tokens a chunk) compiled for a v5e 2x4 slice: the
     largest window program's per-device bytes fall as `seq` grows (data=8 holds everything on
     every chip), and on seq=8 no buffer holds whole chunks of token activations or the whole
     KV cache: each chip's activations are an eighth of a chunk per chunk (the only whole-chunk
-    rows are one layer's keys, which attention gathers on purpose)."""
+    rows are one layer's keys, which attention gathers on purpose). Smaller frames do not show
+    it: at 256x256 the replicated parameters and the collectives' buffers outweigh the split
+    activations (7.06 MB on data=8, 7.20 MB on seq=8)."""
     cfg = load_config("tiny").replace(
-        runtime=dict(SMALL, video_size_h=256, video_size_w=256),
+        runtime=dict(SMALL, video_size_h=512, video_size_w=512),
         model=dict(params_dtype="bfloat16", num_layers=4, ffn_hidden_size=384),  # no weight dim is a chunk's tokens
     )
     largest = {}
     for mesh_text in ("data=8", "seq=2,data=4", "seq=4,data=2", "seq=8"):
-        records = aot.check(cfg, "v5e-8", mesh_text, programs=("largest_window",), label="tiny-256")
+        records = aot.check(cfg, "v5e-8", mesh_text, programs=("largest_window",), label="tiny-512")
         largest[mesh_text] = records[0].device_bytes
     sizes = list(largest.values())
     assert all(a > b for a, b in zip(sizes, sizes[1:])), largest
 
     text, chunks = _v5e_window_hlo(cfg, "seq=8", largest=True)
     m, chunk = cfg.model, layout(cfg).chunk_tokens
-    assert chunk == 512
+    assert chunk == 2048
     shapes = {s for _, s in _instructions(text).values()}
     whole = {chunk * c for c in range(1, chunks + 1)}
     activations = [s for s in shapes if s and s[-1] == m.hidden_size]
@@ -217,3 +223,54 @@ def test_sequence_sharding_splits_activations_and_cache_on_a_v5e_slice():
     assert [s for s in activations if chunk // 8 in s]  # an eighth of a chunk on each chip
     cache = [s for s in shapes if len(s) == 4 and s[0] == m.num_layers]
     assert cache and all(s[1] < chunk for s in cache), cache  # the cache's rows split over seq
+
+
+@needs_libtpu
+def test_training_through_the_pallas_kernel_compiles_for_a_v5e_slice():
+    """The gradient of self- and cross-attention on the TPU path, heads over `model` and tokens
+    over `seq`: our block-sparse kernel computes the forward, and the backward differentiates
+    Pallas's flash-attention kernel (its fused dq and dk/dv kernels), so training keeps
+    O(tokens) residuals."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from magi_jax.attention import KeyBuffer, chunk_cross_attention, chunk_self_attention
+
+    mesh, _ = aot.slice_mesh("v5e-8", "model=2,seq=4")
+    r, n, h, g, d, keys, length = 2, 256, 4, 2, 128, 768, 32
+
+    def loss(q, k, v, ck, cv, ranges, caption_mask):
+        a = chunk_self_attention(q, KeyBuffer(k, v, jnp.int32(0)), ranges, n, 512, impl="pallas")
+        b = chunk_cross_attention(q, ck, cv, caption_mask, n, impl="pallas")
+        return jnp.sum((a + b).astype(jnp.float32) ** 2)
+
+    def arg(shape, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+
+    args = [arg((r * n, h, d)), arg((keys, g, d)), arg((keys, g, d)), arg((r, length, g, d)), arg((r, length, g, d))]
+    args += [arg((r, 2), jnp.int32), arg((r, length), jnp.int32)]
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile().as_text()
+    kernels = {re.sub(r"\.\d+$", "", k) for k in re.findall(r"%([\w.\-]+) = [^\n]*tpu_custom_call", text)}
+    assert "magi_ranged_attention" in kernels, kernels
+    assert any(k.startswith("flash_mha_bwd_dq") for k in kernels), kernels
+    assert any(k.startswith("flash_mha_bwd_dkv") for k in kernels), kernels
+
+
+@needs_libtpu
+def test_attention_queries_split_over_seq_when_it_does_not_divide_a_chunk():
+    """TINY at 48x48 (18 tokens a chunk) on a v5e 2x4 slice, seq=4: each kernel call gets a
+    quarter of every chunk's query tokens, padded (5 = ceil(18 / 4)), not all 18 on every chip."""
+    cfg = load_config("tiny").replace(
+        runtime=dict(SMALL, video_size_h=48, video_size_w=48), model=dict(params_dtype="bfloat16")
+    )
+    m, n = cfg.model, layout(cfg).chunk_tokens
+    assert n % 4
+    text, _ = _v5e_window_hlo(cfg, "model=2,seq=4")
+    kinds = _instructions(text)
+    operand = r"%([\w.\-]+)"
+    calls = re.findall(rf"custom-call\({', '.join([operand] * 5)}\)[^\n]*tpu_custom_call", text)
+    assert calls
+    rows = {kinds[q][1][-2] for _, _, q, _, _ in calls}  # ([rows,] chunks, kv heads, query rows, head dim)
+    assert rows == {m.num_attention_heads // m.num_query_groups * -(-n // 4)}, [[kinds[o] for o in c] for c in calls]

@@ -2,7 +2,8 @@
 
 The reference is a plain softmax over a boolean mask in float64 (numpy). The implementations
 read a key buffer laid out by global position: a chunk's range is a contiguous run of rows,
-read as blocks over the range only (xla) or as a static-size slice with a length (fused).
+read as blocks over the range only (xla, pallas) or as a static-size slice with a length
+(cudnn, dpa). The Pallas kernel runs here in Pallas's interpreter.
 """
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magi_jax import attention
+from magi_jax import attention, pallas_attention
 from magi_jax.attention import (
     KeyBuffer,
     _flash,
@@ -22,6 +23,9 @@ from magi_jax.attention import (
     key_buffer,
     used_caption_tokens,
 )
+
+# what runs here, plus the TPU kernel in Pallas's interpreter
+IMPLEMENTATIONS = sorted(set(available_implementations()) | {"pallas"})
 
 
 def _softmax_ref(q, k, v, visible):
@@ -110,7 +114,7 @@ def test_key_buffer_rows_are_global_positions():
     assert np.all(np.asarray(k[56:]) == 0)
 
 
-@pytest.mark.parametrize("impl", available_implementations())
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_every_available_implementation_matches_the_reference(impl, dtype):
     if dtype == jnp.float32 and impl in ("cudnn", "pallas"):
@@ -134,7 +138,7 @@ def test_every_available_implementation_matches_the_reference(impl, dtype):
             np.testing.assert_allclose(got[c * n : (c + 1) * n], want, atol=tol, err_msg=f"chunk {c}, block {block}")
 
 
-@pytest.mark.parametrize("impl", available_implementations())
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_keys_outside_a_chunks_slice_are_never_read(impl):
     # NaN keys/values before each range's start and past start + span: a masked read would
     # still multiply them (0 * NaN = NaN)
@@ -150,7 +154,7 @@ def test_keys_outside_a_chunks_slice_are_never_read(impl):
         np.testing.assert_allclose(out, _softmax_ref(q[c * 8 : (c + 1) * 8], k, v, ~poison), atol=2e-6)
 
 
-@pytest.mark.parametrize("impl", [i for i in available_implementations() if i != "xla"])
+@pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i != "xla"])
 def test_fused_paths_slice_without_sorting_gathering_or_repeating(impl):
     # the kernels get each chunk's `span` rows (no sort, no gather, no copy per query head)
     q, window, new, ranges, n = _sampler_like(jnp.bfloat16)
@@ -170,6 +174,31 @@ def test_fused_paths_slice_without_sorting_gathering_or_repeating(impl):
 
     walk(jaxpr.jaxpr)
     assert not prims & {"sort", "gather", "argsort"}, prims
+
+
+def test_the_pallas_kernel_walks_only_the_key_blocks_of_each_range():
+    """Block sparsity: for every range, the steps that compute are exactly the key blocks the
+    range touches, each reads the block whose rows it masks against, and the steps after the
+    range read the range's last block again (an unchanged block index is not copied)."""
+    rng = np.random.default_rng(0)
+    k_tile, rows = 128, 1000
+    last = -(-rows // k_tile) - 1
+    lo = rng.integers(0, rows, 400)
+    hi = np.minimum(lo + rng.integers(0, 600, 400), rows)
+    hi[:20] = lo[:20]  # empty ranges
+    span = int((hi - lo).max())
+    steps = min(-(-span // k_tile) + 1, last + 1)
+    lo_, hi_ = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
+    read = np.stack([np.asarray(pallas_attention.key_block(lo_, hi_, j, k_tile, last)) for j in range(steps)], 1)
+    work = np.stack([np.asarray(pallas_attention.computes(lo_, hi_, j, k_tile)) for j in range(steps)], 1)
+    start = np.stack([np.asarray(pallas_attention.block_start(lo_, j, k_tile)) for j in range(steps)], 1)
+    for c in range(len(lo)):
+        touched = set(range(lo[c] // k_tile, -(-hi[c] // k_tile))) if hi[c] > lo[c] else set()
+        assert set(read[c][work[c]]) == touched and work[c].sum() == len(touched), (lo[c], hi[c])
+        np.testing.assert_array_equal(read[c][work[c]] * k_tile, start[c][work[c]])
+        idle = read[c][~work[c]]
+        assert np.all(idle == (max(touched) if touched else lo[c] // k_tile)), (lo[c], hi[c], read[c])
+    assert work.sum() < 0.6 * work.size  # most steps of the short ranges are skipped
 
 
 def test_used_caption_tokens_cuts_shared_padding():
