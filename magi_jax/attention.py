@@ -286,8 +286,9 @@ def _fused(qc, kc, vc, lengths, kind: str):
 def _on_shards(kernel, qc, kt, vt, *scalars):
     """Runs a Pallas kernel on each device's shard under a mesh (XLA cannot partition a Mosaic
     custom call itself): query and key/value heads over `model` where it divides both, query
-    tokens over `seq` (padded to a multiple of it); each device reads its heads' whole key rows. qc (R, N, H, D);
-    kt, vt (G, K, D) or (R, G, K, D); scalars: (R,) per chunk. Without a mesh: the kernel as is."""
+    tokens over `seq` (padded to a multiple of it); each device reads its heads' whole key
+    rows. qc (R, N, H, D); kt, vt (G, K, D) or (R, G, K, D); scalars: (R,) per chunk. Without
+    a mesh: the kernel as is."""
     mesh = jax.sharding.get_abstract_mesh()
     # 16-bit inputs multiply exactly in any precision; Mosaic refuses a float32 precision on
     # them, which a process-wide setting (JAX_DEFAULT_MATMUL_PRECISION=highest) would ask for
@@ -406,7 +407,12 @@ def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: 
     qc = q.reshape(r, chunk_tokens, *q.shape[1:])
     if impl == "pallas":  # the buffer read in place, each chunk's range only (block-sparse)
         kt, vt = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)  # (G, K, D), laid out once per layer
-        return _pallas(qc, kt, vt, lo, hi, span).reshape(q.shape)
+
+        def chunk(a):  # one chunk at a time: its queries regrouped (and split over seq) alone
+            q1, lo1, hi1 = a
+            return _pallas(q1[None], kt, vt, lo1[None], hi1[None], span)[0]
+
+        return jax.lax.map(chunk, (qc, lo, hi)).reshape(q.shape)
     # cudnn and dpa take a key length: one chunk at a time (no stacked copies), its `span` rows
     # from its range's start (the buffer padded so that every slice exists)
     pad = ((0, span), (0, 0), (0, 0))
