@@ -75,7 +75,7 @@ class _AttentionShape:
     length: int  # caption tokens
     kv_row: int  # bytes of one key row (G x D in the params dtype)
     kv_heads_dim: int  # G x D per device (kv_row / kv_heads_dim: bytes per element)
-    tokens: int  # query tokens of the pass on this device (all its chunks)
+    tokens: int  # query tokens of one chunk on this device (padded to split over seq)
     head_dim: int
 
 
@@ -95,7 +95,7 @@ def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
         return a.rows * 2 * a.keys * a.kv_row, score * kb, score * min(K_BLOCK, a.length)
     if impl == "pallas":
         item = a.kv_row // a.kv_heads_dim
-        regrouped = 2 * a.rows * a.tokens * a.heads * a.head_dim * item  # all of the pass's chunks at once
+        regrouped = 2 * a.rows * a.tokens * a.heads * a.head_dim * item  # one chunk at a time
         return a.rows * 2 * a.keys * a.kv_row, regrouped, regrouped
     padded = a.rows * 2 * (a.keys + a.span) * a.kv_row
     if impl == "dpa":
@@ -175,7 +175,7 @@ def plan_memory(
             qkv = rows * s * (2 * h + 2 * g) * hd * pd // model_split
             span = min(call.kv_span or keys, keys)
             shape = _AttentionShape(
-                rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split, s, hd
+                rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split, -(-n // seq), hd
             )
             layout_kv, tile, cross = _attention_bytes(impl, shape)
             kv += layout_kv
