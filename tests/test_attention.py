@@ -176,6 +176,29 @@ def test_fused_paths_slice_without_sorting_gathering_or_repeating(impl):
     assert not prims & {"sort", "gather", "argsort"}, prims
 
 
+def test_the_pallas_kernel_on_a_mesh_equals_one_device():
+    """Heads over `model` and each chunk's queries over `seq` (8 tokens a chunk on seq=3: padded
+    to 9, the padding's outputs dropped): the same numbers as one device."""
+    from magi_jax import sharding
+
+    q, window, new, ranges, n = _sampler_like(jnp.bfloat16)
+    keys = key_buffer(*new[:2], new[2], window)
+    cap_k, cap_v = _rand((5, 10, 2, 8), 7, jnp.bfloat16), _rand((5, 10, 2, 8), 8, jnp.bfloat16)
+    cap_mask = jnp.asarray(np.arange(10)[None] < np.array([7, 10, 0, 1, 3])[:, None])
+
+    def both(q, keys, cap_k, cap_v):
+        a = chunk_self_attention(q, keys, ranges, n, 16, impl="pallas")
+        return a, chunk_cross_attention(q, cap_k, cap_v, cap_mask, n, impl="pallas")
+
+    want = jax.jit(both)(q, keys, cap_k, cap_v)
+    mesh = sharding.make_mesh(sharding.parse_mesh("model=2,seq=3", 6), jax.devices()[:6])
+    assert n % 3
+    with jax.set_mesh(mesh):
+        got = jax.jit(both)(q, keys, cap_k, cap_v)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
 def test_the_pallas_kernel_walks_only_the_key_blocks_of_each_range():
     """Block sparsity: for every range, the steps that compute are exactly the key blocks the
     range touches, each reads the block whose rows it masks against, and the steps after the
