@@ -349,15 +349,23 @@ def _flash_by_slices(qc, kt, vt, lo, hi, span: int):
     if kt.ndim == 4:  # lo is 0
         pad = ((0, 0), (0, 0), (0, -kt.shape[2] % 128), (0, 0))
         return _on_shards(_flash_tpu, qc, jnp.pad(kt, pad), jnp.pad(vt, pad), hi)
-    width = -(-span // 128) * 128
-    pad = ((0, 0), (0, width), (0, 0))
-    kt, vt = jnp.pad(kt, pad), jnp.pad(vt, pad)
+    flash = functools.partial(_on_shards, _flash_tpu)
+    return _by_chunk_slices(flash, qc, kt, vt, lo, hi, -(-span // 128) * 128, axis=1)
+
+
+def _by_chunk_slices(attend, qc, k, v, lo, hi, width: int, axis: int):
+    """`attend(q, k, v, lengths)` one chunk at a time (no stacked copies) over its `width`
+    key rows from its range's start: the rows of k, v along `axis`, padded by `width` so that
+    every slice exists. qc (R, N, H, D); lo, hi (R,). -> (R, N, H, D)."""
+    pad = [(0, 0)] * k.ndim
+    pad[axis] = (0, width)
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
 
     def one(a):
         q1, start, length = a
-        kc = jax.lax.dynamic_slice_in_dim(kt, start, width, 1)[None]
-        vc = jax.lax.dynamic_slice_in_dim(vt, start, width, 1)[None]
-        return _on_shards(_flash_tpu, q1[None], kc, vc, length[None])[0]
+        kc = jax.lax.dynamic_slice_in_dim(k, start, width, axis)[None]
+        vc = jax.lax.dynamic_slice_in_dim(v, start, width, axis)[None]
+        return attend(q1[None], kc, vc, length[None])[0]
 
     return jax.lax.map(one, (qc, lo, hi - lo))
 
@@ -413,18 +421,9 @@ def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: 
             return _pallas(q1[None], kt, vt, lo1[None], hi1[None], span)[0]
 
         return jax.lax.map(chunk, (qc, lo, hi)).reshape(q.shape)
-    # cudnn and dpa take a key length: one chunk at a time (no stacked copies), its `span` rows
-    # from its range's start (the buffer padded so that every slice exists)
-    pad = ((0, span), (0, 0), (0, 0))
-    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
-
-    def one(a):
-        qc, start, length = a
-        kc = jax.lax.dynamic_slice_in_dim(k, start, span, 0)[None]
-        vc = jax.lax.dynamic_slice_in_dim(v, start, span, 0)[None]
-        return _fused(qc[None], kc, vc, length[None], impl)[0]
-
-    return jax.lax.map(one, (qc, lo, hi - lo)).reshape(q.shape)
+    # cudnn and dpa take a key length: each chunk its `span` rows from its range's start
+    fused = functools.partial(_fused, kind=impl)
+    return _by_chunk_slices(fused, qc, k, v, lo, hi, span, axis=0).reshape(q.shape)
 
 
 def chunk_cross_attention(q, k, v, caption_mask, chunk_tokens: int, block: int | None = None, impl: str | None = None):

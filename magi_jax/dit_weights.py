@@ -197,5 +197,5 @@ def load_dit(path, config: MagiConfig, mesh=None, progress=None) -> DiT:
             )
         arrays = checkpoint.restore(path, expected, "dit", shardings)
     else:
-        arrays = convert_torch(local(path, "released DiT weights"), dit_rules(config), abstract, progress=progress)
+        arrays = convert_torch(local(path, "DiT"), dit_rules(config), abstract, progress=progress)
     return build_model(abstract, arrays, shardings)  # the structure traced once

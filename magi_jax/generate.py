@@ -237,12 +237,12 @@ def resolve(args: argparse.Namespace) -> Plan:
     check_fits(plan_memory(config, mesh, prefix))  # refuse, with the numbers, what cannot fit a device
     dit_source = None if random_weights else _dit_source(config)  # weights must exist
     if not random_weights:  # a bucket holds converted checkpoints only: say so before anything loads
-        from magi_jax.pipeline import T5_WEIGHTS, VAE_WEIGHTS, weights_source
+        from magi_jax.pipeline import weights_source
         from magi_jax.storage import is_url
 
-        for given, what in ((rt.t5_pretrained, T5_WEIGHTS), (rt.vae_pretrained, VAE_WEIGHTS)):
+        for given, model in ((rt.t5_pretrained, "T5"), (rt.vae_pretrained, "VAE")):
             if is_url(given):
-                weights_source(given, what)
+                weights_source(given, model)
     loras = _loras(args.lora, config)
     keep = Path(args.prefix_video_path) if args.extend else None
     return Plan(
@@ -296,7 +296,7 @@ def _dit_source(config: MagiConfig) -> Path:
             and (any(candidate.glob("*.safetensors*")) or (candidate / "model.safetensors.index.json").exists())
         ):
             check_weight_kind(candidate, config)  # base vs distilled weights share every key: check now
-            return candidate if is_checkpoint(candidate) else local(candidate, "released DiT weights")
+            return candidate if is_checkpoint(candidate) else local(candidate, "DiT")
     raise ConfigError(
         f"no DiT weights under {root}: expected {root / sub}/model.safetensors (or its shards), as released, or a "
         f"checkpoint written by convert_torch_weights.py; check --dit_ckpt / runtime_config.load"

@@ -89,10 +89,10 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *
         o_ref[...] = jnp.where(total > 0, acc_ref[...] / jnp.where(total > 0, total, 1.0), 0.0).astype(o_ref.dtype)
 
 
-def ranged_attention(q, k, v, lo, hi, span: int, interpret: bool | None = None):
+def ranged_attention(q, k, v, lo, hi, span: int):
     """q (R, N, H, D); k, v (G, K, D) one buffer for all chunks, or (R, G, K, D) a buffer per
     chunk; lo, hi (R,) each chunk's rows [lo, hi); span: a static bound on hi - lo (the grid's
-    key steps); interpret: run in Pallas's interpreter (None: off TPU). -> (R, N, H, D)."""
+    key steps). Off TPU it runs in Pallas's interpreter. -> (R, N, H, D)."""
     r, n, h, d = q.shape
     per_chunk = k.ndim == 4
     g, rows = k.shape[-3], k.shape[-2]
@@ -108,12 +108,11 @@ def ranged_attention(q, k, v, lo, hi, span: int, interpret: bool | None = None):
     last = -(-rows // k_tile) - 1
     steps = min(-(-span // k_tile) + 1, last + 1)  # a range of `span` rows touches at most these blocks
 
-    if per_chunk:
-        kv_index = lambda r_, g_, i, j, lo_, hi_: (r_, g_, key_block(lo_[r_], hi_[r_], j, k_tile, last), 0)  # noqa: E731
-        kv_spec = pl.BlockSpec((None, None, k_tile, d), kv_index)
-    else:
-        kv_index = lambda r_, g_, i, j, lo_, hi_: (g_, key_block(lo_[r_], hi_[r_], j, k_tile, last), 0)  # noqa: E731
-        kv_spec = pl.BlockSpec((None, k_tile, d), kv_index)
+    def kv_index(r_, g_, i, j, lo_, hi_):
+        block = key_block(lo_[r_], hi_[r_], j, k_tile, last)
+        return (r_, g_, block, 0) if per_chunk else (g_, block, 0)
+
+    kv_spec = pl.BlockSpec((None,) * (k.ndim - 2) + (k_tile, d), kv_index)
     q_spec = pl.BlockSpec((None, None, q_tile, d), lambda r_, g_, i, j, lo_, hi_: (r_, g_, i, 0))
     grid = (r, g, -(-q_rows // q_tile), steps)
     kernel = functools.partial(_kernel, scale=1.0 / math.sqrt(d), k_tile=k_tile, steps=steps)
@@ -148,11 +147,8 @@ def ranged_attention(q, k, v, lo, hi, span: int, interpret: bool | None = None):
             cost_estimate=cost,
         )(lo.astype(jnp.int32), hi.astype(jnp.int32), qg, k, v)
 
-    # chosen when the program is lowered, for the platform it is lowered for (an AOT compile
-    # for a TPU slice on a CPU host gets the kernel)
-    if interpret is not None:
-        out = call(interpret)
-    else:
-        out = jax.lax.platform_dependent(tpu=lambda: call(False), default=lambda: call(True))
+    # compiled or interpreted is chosen when the program is lowered, for the platform it is
+    # lowered for (an AOT compile for a TPU slice on a CPU host gets the kernel)
+    out = jax.lax.platform_dependent(tpu=lambda: call(False), default=lambda: call(True))
     out = out.reshape(r, g, rep, n, d).transpose(0, 3, 1, 2, 4)
     return out.reshape(r, n, h, d)

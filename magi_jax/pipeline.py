@@ -40,7 +40,6 @@ from magi_jax.timing import Timeline, render, summary, write_json
 ASSETS = Path(__file__).resolve().parent / "assets"
 BUNDLE = ASSETS / "tiny"  # the tiny variant's trained weights (world_model.py writes them)
 BUNDLE_PARTS = ("t5", "vae", "dit")
-T5_WEIGHTS, VAE_WEIGHTS = "released T5 weights", "released VAE weights"  # what a bucket cannot hold
 
 
 def _log(msg: str):
@@ -48,7 +47,7 @@ def _log(msg: str):
         print(msg, file=sys.stderr, flush=True)
 
 
-def weights_source(path, what: str):
+def weights_source(path, model: str):
     """Where to read weights given as `path`: `<path>.magi_jax` when convert_torch_weights.py
     wrote one, else `path`; a gs:// URL must hold a converted checkpoint (storage.py)."""
     from magi_jax.checkpoint import CONVERTED_SUFFIX, is_checkpoint
@@ -58,7 +57,7 @@ def weights_source(path, what: str):
     converted = path.with_name(path.name + CONVERTED_SUFFIX)
     if is_checkpoint(converted):
         return converted
-    return path if is_checkpoint(path) else local(path, what)
+    return path if is_checkpoint(path) else local(path, model)
 
 
 def bundled_weights() -> Path | None:
@@ -124,7 +123,7 @@ def text_encoder(config: MagiConfig, random_weights: bool, mesh=None):
     if not config.runtime.t5_pretrained:
         raise FileNotFoundError("runtime_config.t5_pretrained is empty; pass --t5_ckpt (the folder with t5-v1_1-xxl)")
     placement = t5.host_device() if config.runtime.t5_device == "cpu" else mesh
-    return t5.load_text_encoder(weights_source(config.runtime.t5_pretrained, T5_WEIGHTS), jnp.float32, placement)
+    return t5.load_text_encoder(weights_source(config.runtime.t5_pretrained, "T5"), jnp.float32, placement)
 
 
 def dit_model(config: MagiConfig, random_weights: bool, source: Path | None, mesh=None):
@@ -139,7 +138,7 @@ def dit_model(config: MagiConfig, random_weights: bool, source: Path | None, mes
             "dit",
             (config.model, eng.fp8_quant, eng.distill),
         )
-    return load_dit(weights_source(source, "released DiT weights"), config, mesh)
+    return load_dit(source, config, mesh)  # generate._dit_source chose it (a converted copy first)
 
 
 def vae_model(config: MagiConfig, random_weights: bool):
@@ -157,7 +156,7 @@ def vae_model(config: MagiConfig, random_weights: bool):
     elif not rt.vae_pretrained:
         raise FileNotFoundError("runtime_config.vae_pretrained is empty; pass --vae_ckpt (the released vae folder)")
     else:
-        vae = load_vae(weights_source(rt.vae_pretrained, VAE_WEIGHTS), scale_factor=rt.scale_factor, tiles=tiles)
+        vae = load_vae(weights_source(rt.vae_pretrained, "VAE"), scale_factor=rt.scale_factor, tiles=tiles)
     cfg = vae.model.cfg
     if cfg.patch_size != rt.spatial_downsample_factor or cfg.z_chans != config.model.latent_channels:
         raise VaeConfigError(

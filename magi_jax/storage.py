@@ -40,12 +40,13 @@ def location(path):
     return epath.Path(os.fspath(path))
 
 
-def local(path, what: str) -> Path:
-    """`path` when it is on this machine; a CheckpointError with the fix when it is a URL."""
+def local(path, model: str) -> Path:
+    """`path` (released `model` weights: DiT, VAE or T5) when it is on this machine; a
+    CheckpointError with the fix when it is a URL."""
     if is_url(path):
         raise CheckpointError(
-            f"{os.fspath(path)}: {what} are read from local files (memory-mapped); from a bucket only converted "
-            f"checkpoints are read. Convert them with convert_torch_weights.py --out <local folder>, copy that folder "
-            f"to the bucket (gcloud storage cp -r), and point at the copy"
+            f"{os.fspath(path)}: released {model} weights are read from local files (memory-mapped); from a "
+            f"bucket only converted checkpoints are read. Convert them with convert_torch_weights.py --out <local "
+            f"folder>, copy that folder to the bucket (gcloud storage cp -r), and point at the copy"
         )
     return Path(path)

@@ -295,7 +295,7 @@ def hf_folder(path) -> Path:
     (upstream's t5_pretrained points at the parent)."""
     from magi_jax.storage import local
 
-    path = local(path, "released T5 weights")
+    path = local(path, "T5")
     for candidate in (path, path / "t5-v1_1-xxl"):
         if (candidate / "config.json").exists():
             return candidate

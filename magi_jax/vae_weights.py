@@ -103,7 +103,7 @@ def find_vae_files(path) -> tuple[Path, Path]:
     """(config.json, weights) of a released VAE folder, or of a weights file and its folder."""
     from magi_jax.storage import local
 
-    path = local(path, "released VAE weights")
+    path = local(path, "VAE")
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if not weights.exists():

@@ -136,6 +136,14 @@ def _instructions(text: str) -> dict:
     }
 
 
+def _kernel_calls(text: str) -> list[tuple[str, str, str]]:
+    """(q, k, v) operand names of each call of our attention kernel in a compiled HLO text
+    (its operands: each chunk's key range lo, hi, then q, k, v)."""
+    operand = r"%([\w.\-]+)"
+    calls = re.findall(rf"custom-call\({', '.join([operand] * 5)}\)[^\n]*tpu_custom_call", text)
+    return [c[2:] for c in calls]
+
+
 @needs_libtpu
 def test_pallas_attention_compiles_for_a_v5e_slice():
     """bfloat16 TINY on a v5e 2x4 slice, heads over `model`: the attention kernel is a Mosaic
@@ -181,11 +189,9 @@ def test_fp8_layers_and_grouped_attention_as_a_v5e_slice_runs_them():
 
     m = cfg.model
     groups = m.num_query_groups // 2  # per device on model=2
-    # our kernel's operands: each chunk's key range (lo, hi), then q, k, v
-    operand = r"%([\w.\-]+)"
-    calls = re.findall(rf"custom-call\({', '.join([operand] * 5)}\)[^\n]*tpu_custom_call", text)
+    calls = _kernel_calls(text)
     assert calls and len(calls) == text.count("tpu_custom_call")
-    for _, _, q, k, v in calls:
+    for q, k, v in calls:
         (_, qd), (_, kd), (_, vd) = kinds[q], kinds[k], kinds[v]
         # q ([guidance rows,] chunks, kv heads, rows, head dim); k, v (kv heads, rows, head dim),
         # or per chunk
@@ -269,8 +275,7 @@ def test_attention_queries_split_over_seq_when_it_does_not_divide_a_chunk():
     assert n % 4
     text, _ = _v5e_window_hlo(cfg, "model=2,seq=4")
     kinds = _instructions(text)
-    operand = r"%([\w.\-]+)"
-    calls = re.findall(rf"custom-call\({', '.join([operand] * 5)}\)[^\n]*tpu_custom_call", text)
+    calls = _kernel_calls(text)
     assert calls
-    rows = {kinds[q][1][-2] for _, _, q, _, _ in calls}  # ([rows,] chunks, kv heads, query rows, head dim)
+    rows = {kinds[q][1][-2] for q, _, _ in calls}  # ([rows,] chunks, kv heads, query rows, head dim)
     assert rows == {m.num_attention_heads // m.num_query_groups * -(-n // 4)}, [[kinds[o] for o in c] for c in calls]
