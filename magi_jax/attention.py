@@ -28,7 +28,8 @@ Implementations (`implementation()` picks one per backend; MAGI_ATTENTION overri
 cudnn and dpa take a key length, so they get, per chunk, the `span` rows starting at the
 range's start (the buffer is padded by `span` rows so that slice always exists).
 
-Shapes: S query tokens = R chunks x N tokens, H query heads, G key/value heads, D head dim,
+Shapes: queries come by chunk, (R, N, H, D): R chunks of N tokens (N may be padded past a
+chunk's real tokens on a mesh, see dit.py), H query heads; G key/value heads, D head dim,
 K key rows, L caption tokens.
 """
 
@@ -146,14 +147,13 @@ def key_buffer(k_new, v_new, new_start, window=None) -> KeyBuffer:
 
 @dataclass(frozen=True)
 class _Tiles:
-    """Static tiling of the xla path: R query chunks, query tiles of `q_block` tokens, key
-    blocks of `k_block` rows, at most `blocks` key blocks per range (its span / k_block).
+    """Static tiling of the xla path: query tiles of `q_block` tokens, key blocks of `k_block`
+    rows, at most `blocks` key blocks per range (its span / k_block).
     split_edge: the blocks wholly inside a range skip the mask, and the range's one partial
     block runs after the loop (long ranges of many blocks: self-attention); otherwise every
     block is masked (short ranges of a block or two: captions - a differentiated loop then
     keeps one block's residuals per iteration, not two)."""
 
-    chunks: int
     q_block: int
     k_block: int
     blocks: int
@@ -223,36 +223,33 @@ def _flash(qt, kt, vt, lo, hi, tiles: _Tiles):
     return acc / jnp.where(total == 0, 1.0, total)
 
 
-def _grouped(q, chunks: int, groups: int, q_block: int):
-    """q (S, H, D) -> (R, T, G, rep * qb, D): T query tiles of qb tokens per chunk, the H/G
+def _grouped(qc, groups: int, q_block: int):
+    """qc (R, N, H, D) -> (R, T, G, rep * qb, D): T query tiles of qb tokens per chunk, the H/G
     heads of a group stacked as rows. Laid out once per layer."""
-    s, h, d = q.shape
-    n = s // chunks
+    r, n, h, d = qc.shape
     qb = min(q_block, n)
     t = -(-n // qb)
-    q = q.reshape(chunks, n, h, d)
     if t * qb != n:
-        q = jnp.pad(q, ((0, 0), (0, t * qb - n), (0, 0), (0, 0)))
+        qc = jnp.pad(qc, ((0, 0), (0, t * qb - n), (0, 0), (0, 0)))
     rep = h // groups
-    q = q.reshape(chunks, t, qb, groups, rep, d).transpose(0, 1, 3, 4, 2, 5)
-    return q.reshape(chunks, t, groups, rep * qb, d), (n, qb, t, rep)
+    q = qc.reshape(r, t, qb, groups, rep, d).transpose(0, 1, 3, 4, 2, 5)
+    return q.reshape(r, t, groups, rep * qb, d), (n, qb, t, rep)
 
 
-def _ungrouped(out, shape, dims):
-    """(R, T, G, rep * qb, D) -> (S, H, D), the inverse of `_grouped`."""
+def _ungrouped(out, dims):
+    """(R, T, G, rep * qb, D) -> (R, N, H, D), the inverse of `_grouped`."""
     n, qb, t, rep = dims
     r, _, g, _, d = out.shape
     out = out.reshape(r, t, g, rep, qb, d).transpose(0, 1, 4, 2, 3, 5).reshape(r, t * qb, g * rep, d)
-    return out[:, :n].reshape(shape)
+    return out[:, :n]
 
 
-def _xla(q, k, v, lo, hi, tiles: _Tiles):
-    """q (S, H, D); k, v (K, G, D) shared by the chunks, or (R, K, G, D) one per chunk;
-    lo, hi (R,) each chunk's visible rows."""
+def _xla(qc, k, v, lo, hi, tiles: _Tiles):
+    """qc (R, N, H, D); k, v (K, G, D) shared by the chunks, or (R, K, G, D) one per chunk;
+    lo, hi (R,) each chunk's visible rows. -> (R, N, H, D)."""
     g = k.shape[-2]
-    chunks = tiles.chunks
-    qt, dims = _grouped(q, chunks, g, tiles.q_block)
-    t = qt.shape[1]
+    qt, dims = _grouped(qc, g, tiles.q_block)
+    chunks, t = qt.shape[:2]
     kt = jnp.swapaxes(k, -3, -2)  # (..., G, K, D): once per layer
     vt = jnp.swapaxes(v, -3, -2)
     per_chunk = k.ndim == 4
@@ -268,7 +265,7 @@ def _xla(q, k, v, lo, hi, tiles: _Tiles):
 
     flat = qt.reshape(chunks * t, *qt.shape[2:])
     out = jax.lax.map(tile, (jnp.arange(chunks * t), flat))
-    return _ungrouped(out.reshape(qt.shape), q.shape, dims).astype(q.dtype)
+    return _ungrouped(out.reshape(qt.shape), dims).astype(qc.dtype)
 
 
 def _fused(qc, kc, vc, lengths, kind: str):
@@ -394,25 +391,25 @@ def _ranges(kv_range, base, rows: int, span: int):
     return lo, jnp.minimum(hi, lo + span)
 
 
-def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: int | None = None, impl=None):
-    """q (S, H, D); keys: the layer's `key_buffer` (K rows by global position); kv_range (R, 2)
-    global [start, end) per query chunk; span: static bound on a chunk's visible keys (None:
-    K); a wider range is cut to its first `span` keys. Returns (S, H, D)."""
+def chunk_self_attention(qc, keys: KeyBuffer, kv_range, chunk_tokens: int, span: int | None = None, impl=None):
+    """qc (R, Nq, H, D) each chunk's queries; keys: the layer's `key_buffer` (K rows by global
+    position, N = `chunk_tokens` a chunk); kv_range (R, 2) global [start, end) per query chunk;
+    span: static bound on a chunk's visible keys (None: K); a wider range is cut to its first
+    `span` keys. Nq may exceed N (a chunk's queries padded for a mesh, the DiT drops their
+    outputs). Returns (R, Nq, H, D)."""
     k, v, base = keys
     # on a mesh every device attends its own query tokens over all their visible keys: the key
     # rows are gathered (heads stay split over `model`), so no softmax sum crosses devices -
     # nothing to combine afterwards, and a run's numbers do not depend on how its devices
     # are spread over hosts
     k, v = constrain(k, KEY_AXES), constrain(v, KEY_AXES)
-    r = kv_range.shape[0]
     rows = k.shape[0]
     span = rows if span is None else min(span, rows)
     lo, hi = _ranges(kv_range.astype(jnp.int32), base, rows, span)
-    impl = impl or implementation(q.dtype)
+    impl = impl or implementation(qc.dtype)
     if impl == "xla":
         kb = self_key_block(chunk_tokens, rows)
-        return _xla(q, k, v, lo, hi, _Tiles(r, Q_BLOCK, kb, -(-span // kb), split_edge=True))
-    qc = q.reshape(r, chunk_tokens, *q.shape[1:])
+        return _xla(qc, k, v, lo, hi, _Tiles(Q_BLOCK, kb, -(-span // kb), split_edge=True))
     if impl == "pallas":  # the buffer read in place, each chunk's range only (block-sparse)
         kt, vt = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)  # (G, K, D), laid out once per layer
 
@@ -420,26 +417,24 @@ def chunk_self_attention(q, keys: KeyBuffer, kv_range, chunk_tokens: int, span: 
             q1, lo1, hi1 = a
             return _pallas(q1[None], kt, vt, lo1[None], hi1[None], span)[0]
 
-        return jax.lax.map(chunk, (qc, lo, hi)).reshape(q.shape)
+        return jax.lax.map(chunk, (qc, lo, hi))
     # cudnn and dpa take a key length: each chunk its `span` rows from its range's start
     fused = functools.partial(_fused, kind=impl)
-    return _by_chunk_slices(fused, qc, k, v, lo, hi, span, axis=0).reshape(q.shape)
+    return _by_chunk_slices(fused, qc, k, v, lo, hi, span, axis=0)
 
 
-def chunk_cross_attention(q, k, v, caption_mask, chunk_tokens: int, block: int | None = None, impl: str | None = None):
-    """q (S, H, D); k, v (R, L, G, D) each chunk's caption; caption_mask (R, L) a prefix of
-    valid tokens per chunk (tokens, then padding); block: the xla path's key block (None: all
-    L at once). -> (S, H, D)."""
-    r = k.shape[0]
+def chunk_cross_attention(qc, k, v, caption_mask, block: int | None = None, impl: str | None = None):
+    """qc (R, N, H, D) each chunk's queries; k, v (R, L, G, D) each chunk's caption;
+    caption_mask (R, L) a prefix of valid tokens per chunk (tokens, then padding); block: the
+    xla path's key block (None: all L at once). -> (R, N, H, D)."""
     lengths = caption_mask.astype(bool).sum(axis=1).astype(jnp.int32)
-    impl = impl or implementation(q.dtype)
+    impl = impl or implementation(qc.dtype)
     if impl == "xla":
         # with a fixed key block, blocks past a chunk's own tokens skipped, a chunk's result
         # does not depend on the padding of the call's longest caption (ForwardCall.Window)
         kb = min(block or K_BLOCK, k.shape[1])
-        return _xla(q, k, v, jnp.zeros_like(lengths), lengths, _Tiles(r, Q_BLOCK, kb, -(-k.shape[1] // kb)))
-    qc = q.reshape(r, chunk_tokens, *q.shape[1:])
+        return _xla(qc, k, v, jnp.zeros_like(lengths), lengths, _Tiles(Q_BLOCK, kb, -(-k.shape[1] // kb)))
     if impl == "pallas":  # (R, G, L, D): each chunk's caption, its first `lengths` tokens
         kt, vt = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-        return _pallas(qc, kt, vt, jnp.zeros_like(lengths), lengths, k.shape[1]).reshape(q.shape)
-    return _fused(qc, k, v, lengths, impl).reshape(q.shape)
+        return _pallas(qc, kt, vt, jnp.zeros_like(lengths), lengths, k.shape[1])
+    return _fused(qc, k, v, lengths, impl)

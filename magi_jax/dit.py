@@ -2,7 +2,8 @@
 
 Data path of `DiT.__call__` (one upstream `VideoDiTModel.forward`):
   latent window x (C, T, H, W) -> rescale (and channel duplication for 24B) -> Conv3d patch
-  embedding -> tokens (S, D), chunk by chunk (t, h, w) row-major
+  embedding -> tokens (S, D), chunk by chunk (t, h, w) row-major, held by chunk (R, Nq, D):
+  on a mesh each chunk's tokens padded to a multiple of the `seq` split (`token_multiple`)
   flow time t per chunk -> timestep embedding (+ distill step-size embedding) + the AdaLN
   caption token -> one condition per chunk
   caption per chunk -> projected caption tokens for cross-attention
@@ -19,7 +20,7 @@ output projection computes in float32 (or fp8 in quantised layers).
 fp8 checkpoints quantise every layer but the first and the last, so the stack is kept as
 segments of identical layers (one for plain models, three for fp8), each scanned.
 
-Shapes: R chunks in the pass, S tokens, N tokens per chunk, D hidden, H heads, G kv heads,
+Shapes: R chunks in the pass, S tokens, N tokens per chunk (Nq padded), D hidden, H heads, G kv heads,
 Dh head dim, L caption tokens, Cc caption channels.
 """
 
@@ -39,14 +40,17 @@ from magi_jax.forward_call import Captions, ForwardCall, Window
 from magi_jax.kv_cache import CacheSlots, KVCache, read_window, write_rows
 from magi_jax.layers import LayerNorm, Linear, gelu, linear, param, scan_layers, silu_and_mul, softcap, stack_layers
 from magi_jax.rope import apply_rope, rope_tables
-from magi_jax.sharding import constrain
+from magi_jax.sharding import RULES, constrain
 
 f32 = jnp.float32
 FREQ_DIM = 256  # sinusoidal timestep features
 MKL_EXP_ROUNDED_UP = (12, 106)  # see TimestepEmbedder.frequencies
 GATE_CAP = 1.0  # softcap of the AdaLN gates
 PROJ_TP = 8  # upstream's output projection expects its input in a tensor-parallel-8 layout
-TOKENS = (None, "tokens", "embed")  # token activations (rows, tokens, hidden): tokens over `seq`, even unevenly
+# token activations (rows, chunks, tokens, hidden): each chunk's tokens over `seq`, padded to a
+# multiple of it (`token_multiple`)
+TOKENS = (None, None, "tokens", "embed")
+CALL_KEYS = (None, None, "kv_heads", "head_dim")  # this call's keys by chunk: all rows on every device
 
 
 def output_projection_order(heads_x_dim: int) -> np.ndarray:
@@ -143,57 +147,58 @@ class DiTLayer(nnx.Module):
         self.attn_post_norm = LayerNorm(d, eps=eps, dtype=f32, zero_centered=zc)
         self.mlp_norm = LayerNorm(d, eps=eps, dtype=pd, zero_centered=False)
         ffn = cfg.ffn_hidden_size
-        self.fc1 = linear(d, 2 * ffn if cfg.gated_linear_unit else ffn, axes=("embed", "mlp"), **lin)
+        glu = cfg.gated_linear_unit
+        self.fc1 = linear(d, 2 * ffn if glu else ffn, halves=glu, axes=("embed", "mlp"), **lin)
         self.fc2 = linear(ffn, d, smoothed=True, axes=("mlp", "embed"), **lin)
         self.mlp_post_norm = LayerNorm(d, eps=eps, dtype=f32, zero_centered=zc)
         self.heads, self.groups, self.head_dim = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
         self.glu = cfg.gated_linear_unit
         self.params_dtype = pd
 
-    def _gated_residual(self, out, residual, gate, norm, chunks):
-        """residual + norm(out * gate), float32 inside, rounded like upstream's output."""
-        s, d = out.shape
-        # each token's chunk gate, without folding tokens into (chunks, tokens): the token
-        # axis stays one dimension, which `seq` splits (unevenly where it must)
-        per_token = jnp.repeat(gate.astype(f32), s // chunks, axis=0, total_repeat_length=s)
-        y = norm(out.astype(f32) * per_token) + residual.astype(f32)
+    def _gated_residual(self, out, residual, gate, norm):
+        """residual + norm(out * gate), float32 inside, rounded like upstream's output; gate
+        (R, D) one per chunk."""
+        y = norm(out.astype(f32) * gate.astype(f32)[:, None]) + residual.astype(f32)
         return y.astype(out.dtype).astype(self.params_dtype)
 
     def _row(self, x, row: RowInputs, ctx: PassInputs, window, shape: Window):
-        """One guidance row: x (S, D) -> (x, k, v); `window` = (k, v, start) cache rows shared by
+        """One guidance row: x (R, Nq, D) -> (x, k, v), k and v (R * N, G, Dh) this call's keys
+        by position (a chunk's padding dropped); `window` = (k, v, start) cache rows shared by
         all rows; shape: the call's static shape (ForwardCall.window: the key span, the
         caption key block)."""
         pd = self.params_dtype
-        s = x.shape[0]
-        r = ctx.kv_range.shape[0]
+        r, nq = x.shape[:2]
+        n = ctx.chunk_tokens
         h, g, dh = self.heads, self.groups, self.head_dim
 
         ln = self.attn_norm(x)
         with jax.named_scope("self_attention"):
             q = self.q(ln)
-            q = apply_rope(self.q_norm(q.reshape(s, h, dh).astype(f32)), ctx.sin, ctx.cos).astype(q.dtype)
+            q = apply_rope(self.q_norm(q.reshape(r, nq, h, dh).astype(f32)), ctx.sin, ctx.cos).astype(q.dtype)
             k = self.k(ln)
-            k = apply_rope(self.k_norm(k.reshape(s, g, dh).astype(f32)), ctx.sin, ctx.cos).astype(k.dtype)
-            v = self.v(ln).reshape(s, g, dh)
+            k = apply_rope(self.k_norm(k.reshape(r, nq, g, dh).astype(f32)), ctx.sin, ctx.cos).astype(k.dtype)
+            v = self.v(ln).reshape(r, nq, g, dh)
+            # every query reads keys of every chunk: gathered once, the padding dropped after
+            k, v = (constrain(a, CALL_KEYS)[:, :n].reshape(r * n, g, dh) for a in (k, v))
             keys = key_buffer(k, v, ctx.first_token, window)
-            core = chunk_self_attention(q, keys, ctx.kv_range, s // r, shape.kv_span)
+            core = chunk_self_attention(q, keys, ctx.kv_range, n, shape.kv_span)
 
         with jax.named_scope("cross_attention"):
-            xq = self.q_norm_x(self.qx(ln).reshape(s, h, dh))
+            xq = self.q_norm_x(self.qx(ln).reshape(r, nq, h, dh))
             xkv = self.kv_xattn(row.caption).reshape(*row.caption.shape[:2], g, 2, dh)
             xk, xv = self.k_norm_x(xkv[..., 0, :]), xkv[..., 1, :]
-            cross = chunk_cross_attention(xq, xk, xv, row.caption_mask, s // r, shape.caption_block)
+            cross = chunk_cross_attention(xq, xk, xv, row.caption_mask, shape.caption_block)
 
         with jax.named_scope("attention_out"):
-            attn = jnp.concatenate([core.reshape(s, h * dh), cross.reshape(s, h * dh)], axis=-1)
+            attn = jnp.concatenate([core.reshape(r, nq, h * dh), cross.reshape(r, nq, h * dh)], axis=-1)
             gates = softcap(self.ada(jax.nn.silu(row.cond.astype(f32)).astype(pd)), GATE_CAP)
             gate_attn, gate_mlp = jnp.split(gates, 2, axis=-1)
-            x = self._gated_residual(self.proj(attn), x, gate_attn, self.attn_post_norm, r)
+            x = self._gated_residual(self.proj(attn), x, gate_attn, self.attn_post_norm)
 
         with jax.named_scope("mlp"):
             hidden = self.fc1(self.mlp_norm(x))
             hidden = silu_and_mul(hidden) if self.glu else gelu(hidden)
-            x = self._gated_residual(self.fc2(hidden), x, gate_mlp, self.mlp_post_norm, r)
+            x = self._gated_residual(self.fc2(hidden), x, gate_mlp, self.mlp_post_norm)
         return x, k, v
 
     def __call__(self, x, ctx: PassInputs, call: ForwardCall, cache: KVCache | None, layer):
@@ -212,7 +217,7 @@ class DiTLayer(nnx.Module):
             window = (kw, vw, pos[0])  # contiguous positions from pos[0] on, ring or not
         x, k, v = jax.vmap(lambda xb, rb: self._row(xb, rb, ctx, window, call.window))(x, ctx.rows)
         if cache is not None and rows.write_row is not None:
-            b = x.shape[1] if rows.write_bound is None else rows.write_bound
+            b = k.shape[1] if rows.write_bound is None else rows.write_bound
             row = rows.write_row
             with jax.named_scope("kv_cache_write"):
                 cache = write_rows(cache, layer, slots.write, k[row, :b], v[row, :b], call.write_count)
@@ -231,13 +236,25 @@ class LayerStack(nnx.Module):
         def body(layer, carry, index):
             h, c = carry
             h, c = layer(h, ctx, call, c, index)
-            return (constrain(h, TOKENS, uneven=True), c), None
+            return (constrain(h, TOKENS), c), None
 
         if self.remat:  # keep only each layer's input for the backward pass, not its activations
             body = jax.checkpoint(body, prevent_cse=False)
         index = self.first + jnp.arange(self.count, dtype=jnp.int32)
         (x, cache), _ = scan_layers(self.layers, body, (x, cache), index, name="dit_layer")
         return x, cache
+
+
+def token_multiple() -> int:
+    """A chunk's tokens are padded to a multiple of this: the devices the mesh splits tokens
+    over (1 without a mesh). A 4.5B chunk at 720x720 is 12,150 tokens, which `seq=8` does not
+    divide; padded to 12,152, every device holds a chunk's own 1,519 tokens, and attention
+    takes each chunk's queries as they lie, with no gather or reshard. The padding is never
+    a key (the DiT drops it before the key buffer), never written to the cache, and its
+    outputs are dropped before the final layer."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axis = RULES["tokens"]
+    return 1 if mesh.empty or axis is None else mesh.shape.get(axis, 1)
 
 
 def layer_segments(cfg: ModelConfig, fp8_quant: bool) -> list[tuple[int, int, bool]]:
@@ -263,11 +280,12 @@ class RowInputs:
 class PassInputs:
     """Traced per-pass values every layer reads (built once per forward, closed over by the scan)."""
 
-    sin: jax.Array  # (S, 3*nb) rope tables
+    sin: jax.Array  # (R, Nq, 3*nb) rope tables
     cos: jax.Array
     rows: RowInputs  # (B, ...) per guidance row
     kv_range: jax.Array  # (R, 2) int32
     first_token: jax.Array  # () int32 global position of the pass's first token
+    chunk_tokens: int = dataclasses.field(metadata=dict(static=True))  # N real tokens a chunk (Nq >= N)
 
 
 class DiT(nnx.Module):
@@ -321,13 +339,22 @@ class DiT(nnx.Module):
                 f"captions for {captions.tokens.shape[:2]} (rows, chunks); the call has "
                 f"{call.rows.count} guidance rows over {r} chunks"
             )
+        p, pt = cfg.patch_size, cfg.t_patch_size
+        n = tt // pt * (hh // p) * (ww // p) // r  # tokens a chunk
+        nq = -(-n // token_multiple()) * token_multiple()
+
+        def by_chunk(a):  # (S, ...) -> (R, Nq, ...): each chunk's tokens, then its padding, split
+            a = a.reshape(r, n, *a.shape[1:])
+            a = jnp.pad(a, [(0, 0), (0, nq - n)] + [(0, 0)] * (a.ndim - 2)) if nq > n else a
+            return constrain(a, TOKENS[1:])
+
         with jax.named_scope("patch_embed"):
             x = (x.astype(f32) * f32(cfg.x_rescale_factor)).astype(x.dtype)
             if cfg.half_channel_vae:
                 x = jnp.concatenate([x, x], axis=0)
-            tokens = self.x_embedder(self._patchify(x.astype(f32))).astype(pd)
+            # the narrow patches are split, so each device embeds only its own tokens
+            tokens = self.x_embedder(by_chunk(self._patchify(x.astype(f32)))).astype(pd)
 
-        p, pt = cfg.patch_size, cfg.t_patch_size
         with jax.named_scope("rope"):
             sin, cos = rope_tables(self.rope_bands[...], call.frame0, call.t_total, tt // pt // r, hh // p, ww // p)
         with jax.named_scope("condition_embed"):
@@ -342,21 +369,22 @@ class DiT(nnx.Module):
         with jax.named_scope("caption_embed"):
             caption = self.y_embedder.tokens(captions.tokens).astype(pd)
 
-        s = tokens.shape[0]
         ctx = PassInputs(
-            sin=sin,
-            cos=cos,
+            sin=by_chunk(sin),
+            cos=by_chunk(cos),
             rows=RowInputs(cond, caption, captions.mask),
             kv_range=call.kv_range.astype(jnp.int32),
-            first_token=jnp.asarray(call.first_chunk, jnp.int32) * (s // r),
+            first_token=jnp.asarray(call.first_chunk, jnp.int32) * n,
+            chunk_tokens=n,
         )
         b = call.rows.count
-        h = constrain(jnp.broadcast_to(tokens[None], (b, *tokens.shape)), TOKENS, uneven=True)
+        h = constrain(jnp.broadcast_to(tokens[None], (b, *tokens.shape)), TOKENS)
         for segment in self.segments:
             h, cache = segment(h, ctx, call, cache)
         with jax.named_scope("final_layer"):
-            out = self.final_linear(self.final_norm(h.astype(f32)))
-            out = jax.vmap(lambda o: self._unpatchify(o, tt, hh, ww))(out)
+            # on the split tokens, padding and all: only the (much narrower) output is gathered
+            out = self.final_linear(self.final_norm(h.astype(f32)))[:, :, :n]
+            out = jax.vmap(lambda o: self._unpatchify(o.reshape(r * n, -1), tt, hh, ww))(out)
         if cfg.half_channel_vae:
             out = out[:, : cfg.latent_channels]
         return out / f32(cfg.x_rescale_factor), cache

@@ -42,10 +42,31 @@ def precision(dtype):
 
 
 def matmul(x, w, out_dtype, compute_dtype=None):
-    """x @ w with float32 accumulation, inputs cast to `compute_dtype` (default: x's dtype)."""
+    """x (..., F) @ w (F, ...) with float32 accumulation, inputs cast to `compute_dtype`
+    (default: x's dtype)."""
     cd = compute_dtype or x.dtype
-    y = jnp.matmul(x.astype(cd), w.astype(cd), preferred_element_type=jnp.float32, precision=precision(cd))
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    y = jax.lax.dot_general(
+        x.astype(cd), w.astype(cd), dims, preferred_element_type=jnp.float32, precision=precision(cd)
+    )
     return y.astype(out_dtype)
+
+
+HALVES_AXES = ("embed", None, "mlp")
+
+
+def as_halves(kernel):
+    """A [gate | up] kernel (F, 2 * O) as (F, 2, O), O split over `model` (sharding.RULES["mlp"]).
+
+    Stored, the kernel's 2 * O columns split over `model` in contiguous blocks, so on a
+    `model=4` mesh two devices hold gates and two hold ups: pairing them moved every token's
+    hidden layer between devices in float32 (the 24B SwiGLU MLP on v5p-8 held 13 GiB of such
+    copies). Moving the kernel's columns instead costs a fraction of one layer's weights.
+    """
+    from magi_jax.sharding import constrain
+
+    f, o2 = kernel.shape
+    return constrain(kernel.reshape(f, 2, o2 // 2), HALVES_AXES)
 
 
 class Linear(nnx.Module):
@@ -60,16 +81,19 @@ class Linear(nnx.Module):
         axes=("embed", "mlp"),
         bias=False,
         compute_dtype=None,
+        halves: bool = False,
         rngs: nnx.Rngs | None = None,
     ):
         # LeCun-normal so that random (untrained) models propagate signal through every layer
         self.kernel = param(rngs, (fin, fout), dtype, axes, scale=fin**-0.5)
         self.bias = param(None, (fout,), dtype, axes[1:]) if bias else None
         self.compute_dtype = compute_dtype
+        self.halves = halves  # output (..., 2, fout / 2): see as_halves (no bias then)
 
     def __call__(self, x):
         cd = self.compute_dtype or x.dtype
-        y = matmul(x, self.kernel[...], jnp.float32, cd)
+        kernel = as_halves(self.kernel[...]) if self.halves else self.kernel[...]
+        y = matmul(x, kernel, jnp.float32, cd)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(cd)
@@ -87,7 +111,9 @@ class Fp8Linear(nnx.Module):
     none needs an fp8 one; the products of two such values are exact in float32.
     """
 
-    def __init__(self, fin: int, fout: int, *, smoothed: bool, axes=("embed", "mlp"), rngs: nnx.Rngs | None = None):
+    def __init__(
+        self, fin: int, fout: int, *, smoothed: bool, axes=("embed", "mlp"), halves=False, rngs: nnx.Rngs | None = None
+    ):
         self.kernel = param(None, (fin, fout), FP8, axes)
         self.weight_scale = param(None, (1,), jnp.float32, (None,), init="ones")
         self.input_scale = param(
@@ -98,6 +124,7 @@ class Fp8Linear(nnx.Module):
             w = fin**-0.5 * jax.random.normal(rngs.params(), (fin, fout), jnp.float32)
             self.weight_scale[...] = jnp.max(jnp.abs(w)).reshape(1) / FP8_MAX
             self.kernel[...] = (w / self.weight_scale[...]).astype(FP8)
+        self.halves = halves  # output (..., 2, fout / 2): see as_halves
 
     def quantize_input(self, x):
         divisor = self.smooth_scale[...] if self.smooth_scale is not None else self.input_scale[...]
@@ -106,16 +133,17 @@ class Fp8Linear(nnx.Module):
 
     def __call__(self, x):
         xq = self.quantize_input(x)
-        acc = matmul(xq, self.kernel[...], jnp.float32, jnp.bfloat16)
+        kernel = as_halves(self.kernel[...]) if self.halves else self.kernel[...]
+        acc = matmul(xq, kernel, jnp.float32, jnp.bfloat16)
         scale = self.input_scale[...][0] * self.weight_scale[...][0]
         return (acc * scale).astype(jnp.bfloat16)
 
 
-def linear(fin, fout, *, quantized=False, smoothed=False, dtype, axes, rngs=None, **kw):
+def linear(fin, fout, *, quantized=False, smoothed=False, halves=False, dtype, axes, rngs=None, **kw):
     """A plain Linear, or the fp8 one used inside quantised layers."""
     if quantized:
-        return Fp8Linear(fin, fout, smoothed=smoothed, axes=axes, rngs=rngs)
-    return Linear(fin, fout, dtype=dtype, axes=axes, rngs=rngs, **kw)
+        return Fp8Linear(fin, fout, smoothed=smoothed, axes=axes, halves=halves, rngs=rngs)
+    return Linear(fin, fout, dtype=dtype, axes=axes, halves=halves, rngs=rngs, **kw)
 
 
 class LayerNorm(nnx.Module):
@@ -146,8 +174,9 @@ def gelu(x):
 
 
 def silu_and_mul(x):
-    """SwiGLU on [gate | up] halves: silu(gate) * up, float32 math, one rounding."""
-    gate, up = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    """SwiGLU on x (..., 2, F), [gate, up] (a `halves` linear's output): silu(gate) * up, float32
+    math, one rounding."""
+    gate, up = x[..., 0, :].astype(jnp.float32), x[..., 1, :].astype(jnp.float32)
     return (jax.nn.silu(gate) * up).astype(x.dtype)
 
 

@@ -104,7 +104,7 @@ class LoRALinear(nnx.Module):
         y = self.base(x)
         low = jnp.matmul(x.astype(f32), self.lora_a[...].astype(f32))
         delta = jnp.matmul(low, self.lora_b[...].astype(f32)) * f32(self.scale)
-        return (y.astype(f32) + delta).astype(y.dtype)
+        return (y.astype(f32) + delta.reshape(y.shape)).astype(y.dtype)  # a `halves` base: (..., 2, O)
 
 
 def _stacks(model):

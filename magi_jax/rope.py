@@ -55,9 +55,10 @@ def rope_tables(bands, frame0, t_total, frames: int, height: int, width: int):
 
 
 def apply_rope(x, sin, cos):
-    """Rotates the first 2*sin.shape[-1] channels of x (S, heads, D) in GPT-NeoX halves."""
+    """Rotates the first 2*sin.shape[-1] channels of x (..., heads, D) in GPT-NeoX halves;
+    sin, cos (..., 2*nb) per token."""
     half = sin.shape[-1]
     x = x.astype(f32)
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    s, c = sin[:, None, :], cos[:, None, :]
+    s, c = sin[..., None, :], cos[..., None, :]
     return jnp.concatenate([x1 * c - x2 * s, x1 * s + x2 * c, rest], axis=-1)

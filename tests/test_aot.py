@@ -248,13 +248,13 @@ def test_training_through_the_pallas_kernel_compiles_for_a_v5e_slice():
 
     def loss(q, k, v, ck, cv, ranges, caption_mask):
         a = chunk_self_attention(q, KeyBuffer(k, v, jnp.int32(0)), ranges, n, 512, impl="pallas")
-        b = chunk_cross_attention(q, ck, cv, caption_mask, n, impl="pallas")
+        b = chunk_cross_attention(q, ck, cv, caption_mask, impl="pallas")
         return jnp.sum((a + b).astype(jnp.float32) ** 2)
 
     def arg(shape, dtype=jnp.bfloat16):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
 
-    args = [arg((r * n, h, d)), arg((keys, g, d)), arg((keys, g, d)), arg((r, length, g, d)), arg((r, length, g, d))]
+    args = [arg((r, n, h, d)), arg((keys, g, d)), arg((keys, g, d)), arg((r, length, g, d)), arg((r, length, g, d))]
     args += [arg((r, 2), jnp.int32), arg((r, length), jnp.int32)]
     with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
         text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).lower(*args).compile().as_text()

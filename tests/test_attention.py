@@ -49,7 +49,7 @@ def _rand(shape, seed, dtype=jnp.float32, scale=1.0):
 
 
 def _chunks(n=8, r=4, h=4, g=2, d=8, rows=40, dtype=jnp.float32):
-    q = _rand((r * n, h, d), 0, dtype, 2.0)
+    q = _rand((r, n, h, d), 0, dtype, 2.0)  # queries by chunk
     k = _rand((rows, g, d), 1, dtype, 2.0)
     v = _rand((rows, g, d), 2, dtype)
     return q, k, v
@@ -60,13 +60,13 @@ def _chunks(n=8, r=4, h=4, g=2, d=8, rows=40, dtype=jnp.float32):
 def test_flash_loop_equals_softmax_over_the_range(block, split_edge):
     # ranges that start and end inside blocks, reach the buffer's end, and are empty
     q, k, v = _chunks()
-    qt = jnp.asarray(q[:8].reshape(8, 2, 2, 8).transpose(1, 2, 0, 3).reshape(2, 16, 8))
+    qt = jnp.asarray(q[0].reshape(8, 2, 2, 8).transpose(1, 2, 0, 3).reshape(2, 16, 8))
     for lo, hi in [(0, 40), (5, 29), (33, 40), (17, 18), (12, 12)]:
-        tiles = _Tiles(1, 8, block, -(-40 // block), split_edge)
+        tiles = _Tiles(8, block, -(-40 // block), split_edge)
         got = _flash(qt, jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1), jnp.int32(lo), jnp.int32(hi), tiles)
         got = np.asarray(got).reshape(2, 2, 8, 8).transpose(2, 0, 1, 3).reshape(8, 4, 8)
         visible = (np.arange(40) >= lo) & (np.arange(40) < hi)
-        np.testing.assert_allclose(got, _softmax_ref(q[:8], k, v, visible), atol=2e-6, err_msg=f"[{lo}, {hi})")
+        np.testing.assert_allclose(got, _softmax_ref(q[0], k, v, visible), atol=2e-6, err_msg=f"[{lo}, {hi})")
 
 
 def test_gqa_head_mapping():
@@ -74,7 +74,7 @@ def test_gqa_head_mapping():
     q, k, v = _chunks()
     v = v.at[:, 1].set(0.0)
     out = np.asarray(chunk_self_attention(q, KeyBuffer(k, v, 0), jnp.array([[0, 40]] * 4, jnp.int32), 8, impl="xla"))
-    assert np.abs(out[:, 2:]).max() == 0 and np.abs(out[:, :2]).max() > 0
+    assert np.abs(out[..., 2:, :]).max() == 0 and np.abs(out[..., :2, :]).max() > 0
 
 
 def _sampler_like(dtype, seed=0):
@@ -82,7 +82,7 @@ def _sampler_like(dtype, seed=0):
     kv ranges like the sampler's (growing, one cut by the span, the near-clean copy alone, one
     empty)."""
     n, r, window, h, g, d = 8, 5, 24, 4, 2, 8
-    q = _rand((r * n, h, d), seed, dtype)
+    q = _rand((r, n, h, d), seed, dtype)  # queries by chunk
     k_new, v_new = _rand((r * n, g, d), seed + 1, dtype), _rand((r * n, g, d), seed + 2, dtype)
     start, new_start = 4, 20  # window rows cover positions 4..27; 20..27 are unwritten (zero)
     written = (start + np.arange(window)) < new_start
@@ -101,8 +101,8 @@ def _sampler_like_ref(q, window, new, ranges, n, span):
     out = []
     for c, (lo, hi) in enumerate(np.asarray(ranges)):
         visible = ok & (pos >= lo) & (pos < min(hi, lo + span))
-        out.append(_softmax_ref(q[c * n : (c + 1) * n], k, v, visible))
-    return np.concatenate(out)
+        out.append(_softmax_ref(q[c], k, v, visible))
+    return np.stack(out)
 
 
 def test_key_buffer_rows_are_global_positions():
@@ -126,16 +126,16 @@ def test_every_available_implementation_matches_the_reference(impl, dtype):
     want = _sampler_like_ref(q, window, new, ranges, n, span)
     tol = 2e-6 if dtype == jnp.float32 else 3e-2
     np.testing.assert_allclose(got, want, atol=tol)
-    assert np.all(got[4 * n :] == 0), "a chunk with no visible key gets zeros"
+    assert np.all(got[4:] == 0), "a chunk with no visible key gets zeros"
 
     cap_k, cap_v = _rand((5, 10, 2, 8), 7, dtype), _rand((5, 10, 2, 8), 8, dtype)
     lengths = np.array([7, 10, 0, 1, 3])
     cap_mask = jnp.asarray(np.arange(10)[None] < lengths[:, None])  # prefixes, one empty
     for block in (None, 4):  # one key block, or the sampler's fixed blocks (Window.caption_block)
-        got = np.asarray(chunk_cross_attention(q, cap_k, cap_v, cap_mask, n, block, impl=impl), np.float32)
+        got = np.asarray(chunk_cross_attention(q, cap_k, cap_v, cap_mask, block, impl=impl), np.float32)
         for c in range(5):
-            want = _softmax_ref(q[c * n : (c + 1) * n], cap_k[c], cap_v[c], np.arange(10) < lengths[c])
-            np.testing.assert_allclose(got[c * n : (c + 1) * n], want, atol=tol, err_msg=f"chunk {c}, block {block}")
+            want = _softmax_ref(q[c], cap_k[c], cap_v[c], np.arange(10) < lengths[c])
+            np.testing.assert_allclose(got[c], want, atol=tol, err_msg=f"chunk {c}, block {block}")
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -150,8 +150,8 @@ def test_keys_outside_a_chunks_slice_are_never_read(impl):
         poison = (rows < lo) | (rows >= lo + span)
         kc = jnp.where(poison[:, None, None], jnp.nan, k)
         vc = jnp.where(poison[:, None, None], jnp.nan, v)
-        out = np.asarray(chunk_self_attention(q, KeyBuffer(kc, vc, 0), ranges, 8, span, impl=impl))[c * 8 : (c + 1) * 8]
-        np.testing.assert_allclose(out, _softmax_ref(q[c * 8 : (c + 1) * 8], k, v, ~poison), atol=2e-6)
+        out = np.asarray(chunk_self_attention(q, KeyBuffer(kc, vc, 0), ranges, 8, span, impl=impl))[c]
+        np.testing.assert_allclose(out, _softmax_ref(q[c], k, v, ~poison), atol=2e-6)
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i != "xla"])
@@ -188,7 +188,7 @@ def test_the_pallas_kernel_on_a_mesh_equals_one_device():
 
     def both(q, keys, cap_k, cap_v):
         a = chunk_self_attention(q, keys, ranges, n, 16, impl="pallas")
-        return a, chunk_cross_attention(q, cap_k, cap_v, cap_mask, n, impl="pallas")
+        return a, chunk_cross_attention(q, cap_k, cap_v, cap_mask, impl="pallas")
 
     want = jax.jit(both)(q, keys, cap_k, cap_v)
     mesh = sharding.make_mesh(sharding.parse_mesh("model=2,seq=3", 6), jax.devices()[:6])

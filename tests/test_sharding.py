@@ -121,11 +121,19 @@ def test_a_layer_reads_its_own_cache_rows_not_a_gathered_cache():
 
 
 @pytest.mark.slow
-def test_tokens_the_mesh_does_not_divide_are_split_and_equal_one_device():
-    """80x80: 50 tokens a chunk, so no window's tokens divide `seq=8`. They are split unevenly
-    (XLA pads and masks the remainder) rather than run whole on every device, and the
-    latents equal the single-device run's."""
-    cfg = mechanics_config(runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=80, video_size_w=80))
+def test_tokens_the_mesh_does_not_divide_are_padded_split_and_equal_one_device():
+    """80x80: 50 tokens a chunk, which `seq=8` does not divide. Each chunk's tokens are padded to
+    56, so every device holds 7 of each chunk (the padding is never a key, never cached, and
+    its outputs are dropped): the latents equal the single-device run's, and in the compiled
+    window program no token activation holds a whole chunk (nor runs whole on every device)."""
+    import re
+
+    from magi_jax import aot
+
+    cfg = mechanics_config(
+        model=dict(hidden_size=96, kv_channels=24),  # a width unlike the patch output (64)
+        runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=80, video_size_w=80),
+    )
     m = cfg.model
     one = Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg)
     lay = one.layout()
@@ -139,11 +147,13 @@ def test_tokens_the_mesh_does_not_divide_are_split_and_equal_one_device():
     got = [np.asarray(c) for c in Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg, mesh=mesh).chunks(cap, mask, seed=5)]
     scale = max(float(np.abs(b).max()) for b in ref)
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, ref)) <= 1e-5 * scale
-    # the token activations of a layer really are split: a constraint of the tokens over `seq`
-    tokens = jax.ShapeDtypeStruct((1, 3 * lay.chunk_tokens, m.hidden_size), np.float32)
-    with jax.set_mesh(mesh):
-        text = jax.jit(lambda h: sharding.constrain(h, (None, "tokens", "embed"), uneven=True)).lower(tokens).as_text()
-    assert '[{}, {"seq"}, {}]' in text, "150 tokens over seq=8, not replicated"
+
+    program = max(aot.sampler_programs(cfg, mesh, "xla", prefix_frames=0), key=lambda p: p.chunks)
+    compiled, _ = aot.compile_program(program, mesh, "xla")
+    shapes = {tuple(map(int, s.split(","))) for s in re.findall(r"\w+\[([0-9,]+)\]", compiled.as_text())}
+    tokens = [s[:-1] for s in shapes if len(s) >= 3 and s[-1] == m.hidden_size]
+    assert [t for t in tokens if t[-1] == 7], tokens  # 56 / 8 tokens of each chunk on each device
+    assert not [t for t in tokens if {50, 56} & set(t) or any(d % 50 == 0 for d in t)], tokens
 
 
 @pytest.mark.slow
