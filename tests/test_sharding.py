@@ -156,6 +156,35 @@ def test_tokens_the_mesh_does_not_divide_are_padded_split_and_equal_one_device()
     assert not [t for t in tokens if {50, 56} & set(t) or any(d % 50 == 0 for d in t)], tokens
 
 
+def test_a_swiglu_mlp_pairs_gate_and_up_on_each_device():
+    """24B's MLP is SwiGLU: fc1's kernel holds [gate | up] columns, which a `model` split in
+    contiguous blocks would put on different devices, so every token's hidden layer would move
+    between them (13 GiB of float32 copies on the 24B v5p-8 step). The kernel is viewed as
+    (F, 2, O) with O over `model` instead: the only collectives on MLP-wide arrays move kernel
+    columns (they hold the hidden size), never tokens' hidden layers."""
+    import re
+
+    from magi_jax import aot
+
+    ffn = 160
+    cfg = mechanics_config(
+        model=dict(gated_linear_unit=True, ffn_hidden_size=ffn),
+        runtime=dict(num_frames=16, num_steps=4, window_size=2, video_size_h=64, video_size_w=64),
+    )
+    mesh = sharding.make_mesh(sharding.parse_mesh("model=4,seq=2", 8))
+    program = max(aot.sampler_programs(cfg, mesh, "xla", prefix_frames=0), key=lambda p: p.chunks)
+    compiled, _ = aot.compile_program(program, mesh, "xla")
+    widths = {ffn // 4, ffn // 2, ffn, 2 * ffn}
+    moved = []
+    for line in compiled.as_text().splitlines():
+        op = re.search(r" (all-gather|all-to-all|collective-permute|all-reduce)\(", line)
+        for dims in re.findall(r"\w+\[([0-9,]+)\]", line[: op.start()] if op else ""):  # its result shapes
+            shape = tuple(map(int, dims.split(",")))
+            if widths & set(shape) and cfg.model.hidden_size not in shape:
+                moved.append(shape)
+    assert not moved, moved
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [*MESHES, TWO_DEVICES])
 def test_params_and_cache_sharded_as_the_table_says(eight_devices, mesh):
