@@ -169,9 +169,12 @@ def restore(path: str | os.PathLike, expected: dict, model: str, shardings: dict
                 problems.append(f"missing {'.'.join(map(str, p))}")
                 continue
             if tuple(m.shape) != tuple(s.shape) or np.dtype(m.dtype) != np.dtype(s.dtype):
+                # the same values in another layout: a layout this version changed (SwiGLU's fc1)
+                relaid = tuple(m.shape) != tuple(s.shape) and np.prod(m.shape) == np.prod(s.shape)
                 problems.append(
                     f"{'.'.join(map(str, p))}: stored {tuple(m.shape)} {np.dtype(m.dtype)}, "
                     f"expected {tuple(s.shape)} {np.dtype(s.dtype)}"
+                    + (" (an older magi-jax's layout: convert the released weights again)" if relaid else "")
                 )
         if problems:
             raise CheckpointError(

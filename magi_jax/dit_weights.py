@@ -24,6 +24,15 @@ from magi_jax.tensor_file import CheckpointError
 from magi_jax.weights import abstract_model, build_model, convert_torch, expected_leaves
 
 FP8_WEIGHT = Transform("fp8 weight (1,out,in)->(in,out)", lambda a: a[0].T, lambda s: (1, s[1], s[0]))
+# SwiGLU's fc1 stores [gate | up] output rows; we hold them as (in, 2, out / 2) (layers.kernel_shape)
+LINEAR_HALVES = Transform(
+    "linear, [gate | up] -> (in,2,out/2)", lambda a: a.T.reshape(a.shape[1], 2, -1), lambda s: (2 * s[2], s[0])
+)
+FP8_HALVES = Transform(
+    "fp8 weight (1,[gate | up],in) -> (in,2,out/2)",
+    lambda a: a[0].T.reshape(a.shape[2], 2, -1),
+    lambda s: (1, 2 * s[2], s[0]),
+)
 
 
 def _patch_embed(cfg) -> Transform:
@@ -63,11 +72,11 @@ def dit_rules(config: MagiConfig) -> list[Rule]:
     ]
     perm = output_projection_order(cfg.num_attention_heads * cfg.kv_channels)
     for seg, (first, count, quant) in enumerate(layer_segments(cfg, config.engine.fp8_quant)):
-        rules += _layer_rules(seg, range(first, first + count), quant, perm)
+        rules += _layer_rules(seg, range(first, first + count), quant, perm, cfg.gated_linear_unit)
     return rules
 
 
-def _layer_rules(seg: int, layers: range, quant: bool, perm) -> list[Rule]:
+def _layer_rules(seg: int, layers: range, quant: bool, perm, glu: bool) -> list[Rule]:
     """Rules of one segment of identical layers (stacked on the segment's layer axis)."""
     rules = []
 
@@ -75,11 +84,11 @@ def _layer_rules(seg: int, layers: range, quant: bool, perm) -> list[Rule]:
         path = ("segments", seg, "layers", *ours)
         rules.append(Rule(f"videodit_blocks.layers.{{i}}.{torch_name}", path, transform, layers, exact))
 
-    def add_linear(torch_name, ours, smoothed=False):
+    def add_linear(torch_name, ours, smoothed=False, halves=False):
         if not quant:
-            add(f"{torch_name}.weight", (ours, "kernel"), LINEAR)
+            add(f"{torch_name}.weight", (ours, "kernel"), LINEAR_HALVES if halves else LINEAR)
             return
-        add(f"{torch_name}.weight", (ours, "kernel"), FP8_WEIGHT, exact=True)
+        add(f"{torch_name}.weight", (ours, "kernel"), FP8_HALVES if halves else FP8_WEIGHT, exact=True)
         add(f"{torch_name}.weight_scale", (ours, "weight_scale"), exact=True)
         add(f"{torch_name}.input_scale", (ours, "input_scale"), exact=True)
         if smoothed:
@@ -109,7 +118,7 @@ def _layer_rules(seg: int, layers: range, quant: bool, perm) -> list[Rule]:
     add_norm("self_attention.k_layernorm_xattn", "k_norm_x")
     add_norm("self_attn_post_norm", "attn_post_norm")
     add_norm("mlp.layer_norm", "mlp_norm")
-    add_linear("mlp.linear_fc1", "fc1")
+    add_linear("mlp.linear_fc1", "fc1", halves=glu)
     add_linear("mlp.linear_fc2", "fc2", smoothed=True)
     add_norm("mlp_post_norm", "mlp_post_norm")
     return rules

@@ -52,21 +52,15 @@ def matmul(x, w, out_dtype, compute_dtype=None):
     return y.astype(out_dtype)
 
 
-HALVES_AXES = ("embed", None, "mlp")
-
-
-def as_halves(kernel):
-    """A [gate | up] kernel (F, 2 * O) as (F, 2, O), O split over `model` (sharding.RULES["mlp"]).
-
-    Stored, the kernel's 2 * O columns split over `model` in contiguous blocks, so on a
-    `model=4` mesh two devices hold gates and two hold ups: pairing them moved every token's
-    hidden layer between devices in float32 (the 24B SwiGLU MLP on v5p-8 held 13 GiB of such
-    copies). Moving the kernel's columns instead costs a fraction of one layer's weights.
-    """
-    from magi_jax.sharding import constrain
-
-    f, o2 = kernel.shape
-    return constrain(kernel.reshape(f, 2, o2 // 2), HALVES_AXES)
+def kernel_shape(fin: int, fout: int, axes: tuple, halves: bool) -> tuple[tuple, tuple]:
+    """(shape, logical axes) of a kernel. `halves`: a [gate | up] kernel held as (F, 2, O / 2),
+    the gate and up columns of each output feature side by side, O / 2 split over the output
+    axis's mesh axis. Held as (F, O), a `model` split in contiguous column blocks puts gates
+    and ups on different devices, and pairing them moved every token's hidden layer between
+    devices (13 GiB of float32 copies in the 24B SwiGLU MLP's step on v5p-8)."""
+    if not halves:
+        return (fin, fout), tuple(axes)
+    return (fin, 2, fout // 2), (axes[0], None, axes[1])
 
 
 class Linear(nnx.Module):
@@ -85,15 +79,14 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         # LeCun-normal so that random (untrained) models propagate signal through every layer
-        self.kernel = param(rngs, (fin, fout), dtype, axes, scale=fin**-0.5)
-        self.bias = param(None, (fout,), dtype, axes[1:]) if bias else None
+        shape, kernel_axes = kernel_shape(fin, fout, axes, halves)  # halves: output (..., 2, fout / 2)
+        self.kernel = param(rngs, shape, dtype, kernel_axes, scale=fin**-0.5)
+        self.bias = param(None, shape[1:], dtype, kernel_axes[1:]) if bias else None
         self.compute_dtype = compute_dtype
-        self.halves = halves  # output (..., 2, fout / 2): see as_halves (no bias then)
 
     def __call__(self, x):
         cd = self.compute_dtype or x.dtype
-        kernel = as_halves(self.kernel[...]) if self.halves else self.kernel[...]
-        y = matmul(x, kernel, jnp.float32, cd)
+        y = matmul(x, self.kernel[...], jnp.float32, cd)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(cd)
@@ -114,17 +107,17 @@ class Fp8Linear(nnx.Module):
     def __init__(
         self, fin: int, fout: int, *, smoothed: bool, axes=("embed", "mlp"), halves=False, rngs: nnx.Rngs | None = None
     ):
-        self.kernel = param(None, (fin, fout), FP8, axes)
+        shape, kernel_axes = kernel_shape(fin, fout, axes, halves)  # halves: output (..., 2, fout / 2)
+        self.kernel = param(None, shape, FP8, kernel_axes)
         self.weight_scale = param(None, (1,), jnp.float32, (None,), init="ones")
         self.input_scale = param(
             None, (1,) if smoothed else (fin,), jnp.float32, (None,) if smoothed else axes[:1], init="ones"
         )
         self.smooth_scale = param(None, (fin,), jnp.float32, axes[:1], init="ones") if smoothed else None
         if rngs is not None:  # random fp8 weights for untrained models: LeCun-normal, quantised
-            w = fin**-0.5 * jax.random.normal(rngs.params(), (fin, fout), jnp.float32)
+            w = fin**-0.5 * jax.random.normal(rngs.params(), shape, jnp.float32)
             self.weight_scale[...] = jnp.max(jnp.abs(w)).reshape(1) / FP8_MAX
             self.kernel[...] = (w / self.weight_scale[...]).astype(FP8)
-        self.halves = halves  # output (..., 2, fout / 2): see as_halves
 
     def quantize_input(self, x):
         divisor = self.smooth_scale[...] if self.smooth_scale is not None else self.input_scale[...]
@@ -133,8 +126,7 @@ class Fp8Linear(nnx.Module):
 
     def __call__(self, x):
         xq = self.quantize_input(x)
-        kernel = as_halves(self.kernel[...]) if self.halves else self.kernel[...]
-        acc = matmul(xq, kernel, jnp.float32, jnp.bfloat16)
+        acc = matmul(xq, self.kernel[...], jnp.float32, jnp.bfloat16)
         scale = self.input_scale[...][0] * self.weight_scale[...][0]
         return (acc * scale).astype(jnp.bfloat16)
 
@@ -174,8 +166,8 @@ def gelu(x):
 
 
 def silu_and_mul(x):
-    """SwiGLU on x (..., 2, F), [gate, up] (a `halves` linear's output): silu(gate) * up, float32
-    math, one rounding."""
+    """SwiGLU on x (..., 2, F), [gate, up] (a `halves` linear's output, see kernel_shape):
+    silu(gate) * up, float32 math, one rounding."""
     gate, up = x[..., 0, :].astype(jnp.float32), x[..., 1, :].astype(jnp.float32)
     return (jax.nn.silu(gate) * up).astype(x.dtype)
 
