@@ -24,14 +24,16 @@ from magi_jax.tensor_file import CheckpointError
 from magi_jax.weights import abstract_model, build_model, convert_torch, expected_leaves
 
 FP8_WEIGHT = Transform("fp8 weight (1,out,in)->(in,out)", lambda a: a[0].T, lambda s: (1, s[1], s[0]))
-# SwiGLU's fc1 stores [gate | up] output rows; we hold them as (in, 2, out / 2) (layers.kernel_shape)
+# SwiGLU's fc1 stores [gate | up] output rows (2 * O, in); we hold (2, in, O) (layers.kernel_shape)
 LINEAR_HALVES = Transform(
-    "linear, [gate | up] -> (in,2,out/2)", lambda a: a.T.reshape(a.shape[1], 2, -1), lambda s: (2 * s[2], s[0])
+    "linear, [gate | up] -> (2,in,out/2)",
+    lambda a: a.reshape(2, -1, a.shape[1]).transpose(0, 2, 1),
+    lambda s: (2 * s[2], s[1]),
 )
 FP8_HALVES = Transform(
-    "fp8 weight (1,[gate | up],in) -> (in,2,out/2)",
-    lambda a: a[0].T.reshape(a.shape[2], 2, -1),
-    lambda s: (1, 2 * s[2], s[0]),
+    "fp8 weight (1,[gate | up],in) -> (2,in,out/2)",
+    lambda a: a[0].reshape(2, -1, a.shape[2]).transpose(0, 2, 1),
+    lambda s: (1, 2 * s[2], s[1]),
 )
 
 

@@ -42,10 +42,10 @@ def precision(dtype):
 
 
 def matmul(x, w, out_dtype, compute_dtype=None):
-    """x (..., F) @ w (F, ...) with float32 accumulation, inputs cast to `compute_dtype`
-    (default: x's dtype)."""
+    """x (..., F) @ w (F, O) (or w (2, F, O): -> (..., 2, O), see kernel_shape) with float32
+    accumulation, inputs cast to `compute_dtype` (default: x's dtype)."""
     cd = compute_dtype or x.dtype
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    dims = (((x.ndim - 1,), (w.ndim - 2,)), ((), ()))
     y = jax.lax.dot_general(
         x.astype(cd), w.astype(cd), dims, preferred_element_type=jnp.float32, precision=precision(cd)
     )
@@ -53,14 +53,16 @@ def matmul(x, w, out_dtype, compute_dtype=None):
 
 
 def kernel_shape(fin: int, fout: int, axes: tuple, halves: bool) -> tuple[tuple, tuple]:
-    """(shape, logical axes) of a kernel. `halves`: a [gate | up] kernel held as (F, 2, O / 2),
-    the gate and up columns of each output feature side by side, O / 2 split over the output
-    axis's mesh axis. Held as (F, O), a `model` split in contiguous column blocks puts gates
-    and ups on different devices, and pairing them moved every token's hidden layer between
-    devices (13 GiB of float32 copies in the 24B SwiGLU MLP's step on v5p-8)."""
+    """(shape, logical axes) of a kernel. `halves`: a [gate | up] kernel held as (2, F, O / 2),
+    O / 2 split over the output axis's mesh axis, so each device holds the gate and up columns
+    of the same features. Held as (F, O), a `model` split in contiguous column blocks puts
+    gates and ups on different devices, and pairing them moved every token's hidden layer
+    between devices (13 GiB of float32 copies in the 24B SwiGLU MLP's step on v5p-8). The 2 is
+    the major axis: as (F, 2, O / 2) a TPU tiles the pair as rows, and XLA copied all 48
+    layers' kernels into (2, F, O / 2) ahead of the layer loop (4.5 GiB)."""
     if not halves:
         return (fin, fout), tuple(axes)
-    return (fin, 2, fout // 2), (axes[0], None, axes[1])
+    return (2, fin, fout // 2), (None, axes[0], axes[1])
 
 
 class Linear(nnx.Module):
@@ -81,7 +83,7 @@ class Linear(nnx.Module):
         # LeCun-normal so that random (untrained) models propagate signal through every layer
         shape, kernel_axes = kernel_shape(fin, fout, axes, halves)  # halves: output (..., 2, fout / 2)
         self.kernel = param(rngs, shape, dtype, kernel_axes, scale=fin**-0.5)
-        self.bias = param(None, shape[1:], dtype, kernel_axes[1:]) if bias else None
+        self.bias = param(None, (fout,), dtype, axes[1:]) if bias and not halves else None
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):

@@ -1,7 +1,7 @@
 """Low-rank adapters (LoRA) on the DiT's linears: add, train, save, load, merge.
 
 An adapter on a linear y = x @ W adds a low-rank path:  y = x @ W + (alpha / rank) * (x @ A) @ B,
-A (F, r) random, B (r, O) zero (r, 2, O / 2 for SwiGLU's fc1), so a fresh adapter changes nothing (bit-equal outputs).
+A (F, r) random, B (r, O) zero ((r, 2, O / 2) for SwiGLU's fc1), so a fresh adapter changes nothing (bit-equal outputs).
 Adapters sit on the DiT layers' linears by name (`TARGET_GROUPS`):
   attn   q, k, v (self-attention projections) and proj (the output projection of self and
          cross attention, one matrix upstream)
@@ -130,14 +130,15 @@ def apply_lora(model, lcfg: LoRAConfig, seed: int = 0, scale: float = 1.0):
                     f"{name} in layer segment {seg} is an fp8 linear; adapters need a bf16/fp32 model (not *_quant)"
                 )
             kernel = base.kernel
-            lr, fin, *out = kernel.shape  # out: (O,), or (2, O / 2) for SwiGLU's fc1 (layers.kernel_shape)
+            # (L, F, O), or (L, 2, F, O / 2) for SwiGLU's fc1 (layers.kernel_shape): B is (L, r, [2,] O)
+            lr, fin = kernel.shape[0], kernel.shape[-2]
+            out = (*kernel.shape[1:-2], kernel.shape[-1])
             names = kernel.get_metadata().get("out_sharding") or ("layers",) + (None,) * (kernel.ndim - 1)
             key, sub = jax.random.split(key)
             a = (jax.random.normal(sub, (lr, fin, lcfg.rank), f32) * fin**-0.5).astype(f32)
-            pa = LoRAParam(a, out_sharding=(names[0], names[1], None), eager_sharding=False)
-            pb = LoRAParam(
-                jnp.zeros((lr, lcfg.rank, *out), f32), out_sharding=(names[0], None, *names[2:]), eager_sharding=False
-            )
+            pa = LoRAParam(a, out_sharding=(names[0], names[-2], None), eager_sharding=False)
+            b_names = (names[0], None, *names[1:-2], names[-1])
+            pb = LoRAParam(jnp.zeros((lr, lcfg.rank, *out), f32), out_sharding=b_names, eager_sharding=False)
             setattr(layers, name, LoRALinear(base, pa, pb, lcfg.scale * scale))
     return model
 
@@ -203,7 +204,8 @@ def load_lora(model, path, config: MagiConfig, scale: float = 1.0):
 
 @jax.jit
 def _merged(kernel, a, b, scale):
-    delta = jnp.einsum("lfr,lr...->lf...", a.astype(f32), b.astype(f32)) * scale
+    pattern = "lfr,lro->lfo" if kernel.ndim == 3 else "lfr,lrho->lhfo"  # (L, 2, F, O / 2): SwiGLU's fc1
+    delta = jnp.einsum(pattern, a.astype(f32), b.astype(f32)) * scale
     return (kernel.astype(f32) + delta).astype(kernel.dtype)
 
 

@@ -59,6 +59,24 @@ def test_fresh_adapter_changes_nothing():
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
 
 
+def test_a_swiglu_adapter_merges_into_gate_and_up(tmp_path):
+    """24B's fc1 kernel is held as (2, F, O / 2), gate and up side by side (layers.kernel_shape):
+    its adapter's B is (r, 2, O / 2), and a merge folds it into the same columns the unmerged
+    adapter adds to."""
+    cfg = mechanics_config(model=dict(gated_linear_unit=True))
+    lcfg = LoRAConfig(rank=4, targets=("fc1",))
+    model = apply_lora(DiT(cfg.model, rngs=nnx.Rngs(0)), lcfg)
+    b = model.segments[0].layers.fc1.lora_b
+    assert b.shape[-2:] == (2, cfg.model.ffn_hidden_size)
+    b[...] = 0.1 * jax.random.normal(jax.random.key(1), b.shape)
+    adapted = _forward(model)
+    save_lora(model, lcfg, cfg, tmp_path / "glu.lora")
+    merged = _forward(merge_lora(DiT(cfg.model, rngs=nnx.Rngs(0)), tmp_path / "glu.lora", cfg))
+    base = _forward(DiT(cfg.model, rngs=nnx.Rngs(0)))
+    assert np.abs(adapted - base).max() > 1e-3
+    np.testing.assert_allclose(merged, adapted, rtol=0, atol=1e-4 * np.abs(adapted).max())
+
+
 def test_targets_and_options():
     assert LoRAConfig.parse_targets("attn,mlp") == ("q", "k", "v", "proj", "fc1", "fc2")
     assert LoRAConfig.parse_targets("q, v, cross") == ("q", "v", "qx", "kv_xattn")
