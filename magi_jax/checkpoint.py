@@ -28,6 +28,11 @@ import orbax.checkpoint as ocp
 from magi_jax.storage import is_url, location
 from magi_jax.tensor_file import CheckpointError
 
+# How each model's arrays are laid out, raised when a layout changes: a checkpoint of another
+# layout is refused (a square kernel held transposed would load without a shape error)
+LAYOUT = {"dit": 2}
+LAYOUT_CHANGES = {"dit": "the projections into heads are held (out, in), SwiGLU's fc1 (2, in, out / 2)"}
+
 META = "magi_jax.json"
 PARAMS = "params"
 
@@ -120,7 +125,7 @@ def save(
         with ocp.PyTreeCheckpointer(use_compression=False) as ckptr:
             ckptr.save(tmp / PARAMS, nest(flat))  # synchronous: done when it returns
         summary = summarize(flat)
-        meta = {"model": model, "config": config, "summary": summary}
+        meta = {"model": model, "config": config, "summary": summary, "layout": LAYOUT.get(model, 1)}
         if dtype is not None:
             meta["dtype"] = str(dtype)
         for f in files:
@@ -154,6 +159,12 @@ def restore(path: str | os.PathLike, expected: dict, model: str, shardings: dict
     meta = read_meta(path)
     if meta.get("model") != model:
         raise CheckpointError(f"{path} holds a {meta.get('model')!r} checkpoint, expected {model!r}")
+    if meta.get("layout", 1) != LAYOUT.get(model, 1):
+        raise CheckpointError(
+            f"{path} holds {model} weights in layout {meta.get('layout', 1)} (written by another magi-jax "
+            f"version), this one reads layout {LAYOUT.get(model, 1)}: {LAYOUT_CHANGES[model]}; convert the "
+            "released weights again (convert_torch_weights.py)"
+        )
     target = {}
     for p, s in expected.items():
         sharding = shardings[p] if shardings else jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -169,12 +180,9 @@ def restore(path: str | os.PathLike, expected: dict, model: str, shardings: dict
                 problems.append(f"missing {'.'.join(map(str, p))}")
                 continue
             if tuple(m.shape) != tuple(s.shape) or np.dtype(m.dtype) != np.dtype(s.dtype):
-                # the same values in another layout: a layout this version changed (SwiGLU's fc1)
-                relaid = tuple(m.shape) != tuple(s.shape) and np.prod(m.shape) == np.prod(s.shape)
                 problems.append(
                     f"{'.'.join(map(str, p))}: stored {tuple(m.shape)} {np.dtype(m.dtype)}, "
                     f"expected {tuple(s.shape)} {np.dtype(s.dtype)}"
-                    + (" (an older magi-jax's layout: convert the released weights again)" if relaid else "")
                 )
         if problems:
             raise CheckpointError(

@@ -134,11 +134,14 @@ class DiTLayer(nnx.Module):
 
         self.ada = Linear(cfg.cond_size, 2 * d, dtype=pd, bias=True, axes=("cond", "embed"), rngs=rngs)
         self.attn_norm = LayerNorm(d, eps=eps, dtype=pd, zero_centered=False)
-        self.q = linear(d, qd, axes=("embed", "q_heads"), **lin)
-        self.qx = linear(d, qd, axes=("embed", "q_heads"), **lin)
-        self.k = linear(d, kvd, axes=("embed", "kv_heads"), **lin)
-        self.v = linear(d, kvd, axes=("embed", "kv_heads"), **lin)
-        self.kv_xattn = Linear(cfg.xattn_size, 2 * kvd, dtype=pd, axes=("embed", "kv_heads"), rngs=rngs)
+        heads = dict(layout="out_in", **lin)  # projections into heads (layers.KERNEL_LAYOUTS)
+        self.q = linear(d, qd, axes=("embed", "q_heads"), **heads)
+        self.qx = linear(d, qd, axes=("embed", "q_heads"), **heads)
+        self.k = linear(d, kvd, axes=("embed", "kv_heads"), **heads)
+        self.v = linear(d, kvd, axes=("embed", "kv_heads"), **heads)
+        self.kv_xattn = Linear(
+            cfg.xattn_size, 2 * kvd, dtype=pd, axes=("embed", "kv_heads"), layout="out_in", rngs=rngs
+        )
         self.q_norm = LayerNorm(cfg.kv_channels, dtype=f32, **head_norm)
         self.k_norm = LayerNorm(cfg.kv_channels, dtype=f32, **head_norm)
         self.q_norm_x = LayerNorm(cfg.kv_channels, dtype=pd, **head_norm)
@@ -148,7 +151,8 @@ class DiTLayer(nnx.Module):
         self.mlp_norm = LayerNorm(d, eps=eps, dtype=pd, zero_centered=False)
         ffn = cfg.ffn_hidden_size
         glu = cfg.gated_linear_unit
-        self.fc1 = linear(d, 2 * ffn if glu else ffn, halves=glu, axes=("embed", "mlp"), **lin)
+        mlp_in = "halves" if glu else "in_out"
+        self.fc1 = linear(d, 2 * ffn if glu else ffn, layout=mlp_in, axes=("embed", "mlp"), **lin)
         self.fc2 = linear(ffn, d, smoothed=True, axes=("mlp", "embed"), **lin)
         self.mlp_post_norm = LayerNorm(d, eps=eps, dtype=f32, zero_centered=zc)
         self.heads, self.groups, self.head_dim = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels

@@ -24,6 +24,7 @@ from magi_jax.tensor_file import CheckpointError
 from magi_jax.weights import abstract_model, build_model, convert_torch, expected_leaves
 
 FP8_WEIGHT = Transform("fp8 weight (1,out,in)->(in,out)", lambda a: a[0].T, lambda s: (1, s[1], s[0]))
+FP8_OUT_IN = Transform("fp8 weight (1,out,in)->(out,in)", lambda a: a[0], lambda s: (1, *s))
 # SwiGLU's fc1 stores [gate | up] output rows (2 * O, in); we hold (2, in, O) (layers.kernel_shape)
 LINEAR_HALVES = Transform(
     "linear, [gate | up] -> (2,in,out/2)",
@@ -86,11 +87,14 @@ def _layer_rules(seg: int, layers: range, quant: bool, perm, glu: bool) -> list[
         path = ("segments", seg, "layers", *ours)
         rules.append(Rule(f"videodit_blocks.layers.{{i}}.{torch_name}", path, transform, layers, exact))
 
-    def add_linear(torch_name, ours, smoothed=False, halves=False):
+    def add_linear(torch_name, ours, smoothed=False, layout="in_out"):
+        """`layout`: how our kernel is held (layers.KERNEL_LAYOUTS); "out_in" is torch's own."""
+        plain = {"in_out": LINEAR, "out_in": IDENTITY, "halves": LINEAR_HALVES}[layout]
+        fp8 = {"in_out": FP8_WEIGHT, "out_in": FP8_OUT_IN, "halves": FP8_HALVES}[layout]
         if not quant:
-            add(f"{torch_name}.weight", (ours, "kernel"), LINEAR_HALVES if halves else LINEAR)
+            add(f"{torch_name}.weight", (ours, "kernel"), plain)
             return
-        add(f"{torch_name}.weight", (ours, "kernel"), FP8_HALVES if halves else FP8_WEIGHT, exact=True)
+        add(f"{torch_name}.weight", (ours, "kernel"), fp8, exact=True)
         add(f"{torch_name}.weight_scale", (ours, "weight_scale"), exact=True)
         add(f"{torch_name}.input_scale", (ours, "input_scale"), exact=True)
         if smoothed:
@@ -104,8 +108,8 @@ def _layer_rules(seg: int, layers: range, quant: bool, perm, glu: bool) -> list[
     add("ada_modulate_layer.proj.0.bias", ("ada", "bias"))
     add_norm("self_attention.linear_qkv.layer_norm", "attn_norm")
     for name in ("q", "qx", "k", "v"):
-        add_linear(f"self_attention.linear_qkv.{name}", name)
-    add("self_attention.linear_kv_xattn.weight", ("kv_xattn", "kernel"), LINEAR)
+        add_linear(f"self_attention.linear_qkv.{name}", name, layout="out_in")
+    add("self_attention.linear_kv_xattn.weight", ("kv_xattn", "kernel"))  # (out, in), as torch
     if quant:
         proj = "self_attention.linear_proj"
         add(f"{proj}.weight", ("proj", "kernel"), _permuted_rows(perm, True), exact=True)
@@ -120,7 +124,7 @@ def _layer_rules(seg: int, layers: range, quant: bool, perm, glu: bool) -> list[
     add_norm("self_attention.k_layernorm_xattn", "k_norm_x")
     add_norm("self_attn_post_norm", "attn_post_norm")
     add_norm("mlp.layer_norm", "mlp_norm")
-    add_linear("mlp.linear_fc1", "fc1", halves=glu)
+    add_linear("mlp.linear_fc1", "fc1", layout="halves" if glu else "in_out")
     add_linear("mlp.linear_fc2", "fc2", smoothed=True)
     add_norm("mlp_post_norm", "mlp_post_norm")
     return rules

@@ -41,32 +41,47 @@ def precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def matmul(x, w, out_dtype, compute_dtype=None):
-    """x (..., F) @ w (F, O) (or w (2, F, O): -> (..., 2, O), see kernel_shape) with float32
-    accumulation, inputs cast to `compute_dtype` (default: x's dtype)."""
+def matmul(x, w, out_dtype, compute_dtype=None, in_axis: int = 0):
+    """x (..., F) times w over w's axis `in_axis` (F) -> (..., w's other axes), with float32
+    accumulation, inputs cast to `compute_dtype` (default: x's dtype). See KERNEL_LAYOUTS."""
     cd = compute_dtype or x.dtype
-    dims = (((x.ndim - 1,), (w.ndim - 2,)), ((), ()))
+    dims = (((x.ndim - 1,), (in_axis,)), ((), ()))
     y = jax.lax.dot_general(
         x.astype(cd), w.astype(cd), dims, preferred_element_type=jnp.float32, precision=precision(cd)
     )
     return y.astype(out_dtype)
 
 
-def kernel_shape(fin: int, fout: int, axes: tuple, halves: bool) -> tuple[tuple, tuple]:
-    """(shape, logical axes) of a kernel. `halves`: a [gate | up] kernel held as (2, F, O / 2),
-    O / 2 split over the output axis's mesh axis, so each device holds the gate and up columns
-    of the same features. Held as (F, O), a `model` split in contiguous column blocks puts
-    gates and ups on different devices, and pairing them moved every token's hidden layer
-    between devices (13 GiB of float32 copies in the 24B SwiGLU MLP's step on v5p-8). The 2 is
-    the major axis: as (F, 2, O / 2) a TPU tiles the pair as rows, and XLA copied all 48
-    layers' kernels into (2, F, O / 2) ahead of the layer loop (4.5 GiB)."""
-    if not halves:
-        return (fin, fout), tuple(axes)
-    return (2, fin, fout // 2), (None, axes[0], axes[1])
+# How a kernel is held; the layout XLA wants for each use, so that a TPU program does not copy
+# every layer's kernels into another layout ahead of the layer loop:
+#   "in_out"  (F, O), the default
+#   "out_in"  (O, F), torch's own layout: projections into attention heads (q, k, v, the
+#             cross-attention's), whose output a TPU program produces head-major for the
+#             attention kernel (4.5B_distill on v5e-8 seq=8 copied the stacks, 2 GiB, as (F, O))
+#   "halves"  (2, F, O / 2), a [gate | up] kernel (SwiGLU's fc1), O / 2 split over the output
+#             axis's mesh axis so each device holds the gate and up columns of the same
+#             features. As (F, O) a `model` split in contiguous column blocks puts gates and
+#             ups on different devices, and pairing them moved every token's hidden layer
+#             between devices (13 GiB of float32 copies in the 24B step on v5p-8); as
+#             (F, 2, O / 2) a TPU tiles the pair as rows, and XLA copied all 48 layers' kernels
+#             into (2, F, O / 2) (4.5 GiB). Output (..., 2, O / 2).
+KERNEL_LAYOUTS = ("in_out", "out_in", "halves")
+
+
+def kernel_shape(fin: int, fout: int, axes: tuple, layout: str = "in_out") -> tuple[tuple, tuple, int]:
+    """(shape, logical axes, axis of the input features) of a kernel held in `layout`."""
+    if layout == "in_out":
+        return (fin, fout), tuple(axes), 0
+    if layout == "out_in":
+        return (fout, fin), (axes[1], axes[0]), 1
+    if layout == "halves":
+        return (2, fin, fout // 2), (None, axes[0], axes[1]), 1
+    raise ValueError(f"kernel layout {layout!r}; one of {KERNEL_LAYOUTS}")
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias); kernel (F, O) is the transpose of torch's (O, F) weight."""
+    """y = x @ kernel (+ bias); kernel (F, O), the transpose of torch's (O, F) weight, or held
+    in another of KERNEL_LAYOUTS."""
 
     def __init__(
         self,
@@ -77,18 +92,18 @@ class Linear(nnx.Module):
         axes=("embed", "mlp"),
         bias=False,
         compute_dtype=None,
-        halves: bool = False,
+        layout: str = "in_out",
         rngs: nnx.Rngs | None = None,
     ):
         # LeCun-normal so that random (untrained) models propagate signal through every layer
-        shape, kernel_axes = kernel_shape(fin, fout, axes, halves)  # halves: output (..., 2, fout / 2)
+        shape, kernel_axes, self.in_axis = kernel_shape(fin, fout, axes, layout)
         self.kernel = param(rngs, shape, dtype, kernel_axes, scale=fin**-0.5)
-        self.bias = param(None, (fout,), dtype, axes[1:]) if bias and not halves else None
+        self.bias = param(None, (fout,), dtype, axes[1:]) if bias and layout != "halves" else None
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):
         cd = self.compute_dtype or x.dtype
-        y = matmul(x, self.kernel[...], jnp.float32, cd)
+        y = matmul(x, self.kernel[...], jnp.float32, cd, self.in_axis)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(cd)
@@ -107,9 +122,16 @@ class Fp8Linear(nnx.Module):
     """
 
     def __init__(
-        self, fin: int, fout: int, *, smoothed: bool, axes=("embed", "mlp"), halves=False, rngs: nnx.Rngs | None = None
+        self,
+        fin: int,
+        fout: int,
+        *,
+        smoothed: bool,
+        axes=("embed", "mlp"),
+        layout: str = "in_out",
+        rngs: nnx.Rngs | None = None,
     ):
-        shape, kernel_axes = kernel_shape(fin, fout, axes, halves)  # halves: output (..., 2, fout / 2)
+        shape, kernel_axes, self.in_axis = kernel_shape(fin, fout, axes, layout)
         self.kernel = param(None, shape, FP8, kernel_axes)
         self.weight_scale = param(None, (1,), jnp.float32, (None,), init="ones")
         self.input_scale = param(
@@ -128,16 +150,16 @@ class Fp8Linear(nnx.Module):
 
     def __call__(self, x):
         xq = self.quantize_input(x)
-        acc = matmul(xq, self.kernel[...], jnp.float32, jnp.bfloat16)
+        acc = matmul(xq, self.kernel[...], jnp.float32, jnp.bfloat16, self.in_axis)
         scale = self.input_scale[...][0] * self.weight_scale[...][0]
         return (acc * scale).astype(jnp.bfloat16)
 
 
-def linear(fin, fout, *, quantized=False, smoothed=False, halves=False, dtype, axes, rngs=None, **kw):
+def linear(fin, fout, *, quantized=False, smoothed=False, layout="in_out", dtype, axes, rngs=None, **kw):
     """A plain Linear, or the fp8 one used inside quantised layers."""
     if quantized:
-        return Fp8Linear(fin, fout, smoothed=smoothed, axes=axes, halves=halves, rngs=rngs)
-    return Linear(fin, fout, dtype=dtype, axes=axes, halves=halves, rngs=rngs, **kw)
+        return Fp8Linear(fin, fout, smoothed=smoothed, axes=axes, layout=layout, rngs=rngs)
+    return Linear(fin, fout, dtype=dtype, axes=axes, layout=layout, rngs=rngs, **kw)
 
 
 class LayerNorm(nnx.Module):
@@ -168,7 +190,7 @@ def gelu(x):
 
 
 def silu_and_mul(x):
-    """SwiGLU on x (..., 2, F), [gate, up] (a `halves` linear's output, see kernel_shape):
+    """SwiGLU on x (..., 2, F), [gate, up] (a "halves" linear's output, see KERNEL_LAYOUTS):
     silu(gate) * up, float32 math, one rounding."""
     gate, up = x[..., 0, :].astype(jnp.float32), x[..., 1, :].astype(jnp.float32)
     return (jax.nn.silu(gate) * up).astype(x.dtype)

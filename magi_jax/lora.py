@@ -1,7 +1,8 @@
 """Low-rank adapters (LoRA) on the DiT's linears: add, train, save, load, merge.
 
 An adapter on a linear y = x @ W adds a low-rank path:  y = x @ W + (alpha / rank) * (x @ A) @ B,
-A (F, r) random, B (r, O) zero ((r, 2, O / 2) for SwiGLU's fc1), so a fresh adapter changes nothing (bit-equal outputs).
+A (F, r) random, B (r, O) zero (O: the kernel's axes other than F, see
+layers.KERNEL_LAYOUTS), so a fresh adapter changes nothing (bit-equal outputs).
 Adapters sit on the DiT layers' linears by name (`TARGET_GROUPS`):
   attn   q, k, v (self-attention projections) and proj (the output projection of self and
          cross attention, one matrix upstream)
@@ -24,6 +25,7 @@ fp8 layers cannot absorb a merge (their kernels are quantised); adapters refuse 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,14 +132,16 @@ def apply_lora(model, lcfg: LoRAConfig, seed: int = 0, scale: float = 1.0):
                     f"{name} in layer segment {seg} is an fp8 linear; adapters need a bf16/fp32 model (not *_quant)"
                 )
             kernel = base.kernel
-            # (L, F, O), or (L, 2, F, O / 2) for SwiGLU's fc1 (layers.kernel_shape): B is (L, r, [2,] O)
-            lr, fin = kernel.shape[0], kernel.shape[-2]
-            out = (*kernel.shape[1:-2], kernel.shape[-1])
+            # (L, *kernel): the input features on the kernel's axis `in_axis` (layers.KERNEL_LAYOUTS);
+            # A is (L, F, r), B (L, r, the kernel's other axes)
+            at = 1 + base.in_axis
+            lr, fin = kernel.shape[0], kernel.shape[at]
+            out = tuple(n for i, n in enumerate(kernel.shape) if i not in (0, at))
             names = kernel.get_metadata().get("out_sharding") or ("layers",) + (None,) * (kernel.ndim - 1)
             key, sub = jax.random.split(key)
             a = (jax.random.normal(sub, (lr, fin, lcfg.rank), f32) * fin**-0.5).astype(f32)
-            pa = LoRAParam(a, out_sharding=(names[0], names[-2], None), eager_sharding=False)
-            b_names = (names[0], None, *names[1:-2], names[-1])
+            pa = LoRAParam(a, out_sharding=(names[0], names[at], None), eager_sharding=False)
+            b_names = (names[0], None, *(n for i, n in enumerate(names) if i not in (0, at)))
             pb = LoRAParam(jnp.zeros((lr, lcfg.rank, *out), f32), out_sharding=b_names, eager_sharding=False)
             setattr(layers, name, LoRALinear(base, pa, pb, lcfg.scale * scale))
     return model
@@ -202,10 +206,10 @@ def load_lora(model, path, config: MagiConfig, scale: float = 1.0):
     return model, lcfg
 
 
-@jax.jit
-def _merged(kernel, a, b, scale):
-    pattern = "lfr,lro->lfo" if kernel.ndim == 3 else "lfr,lrho->lhfo"  # (L, 2, F, O / 2): SwiGLU's fc1
-    delta = jnp.einsum(pattern, a.astype(f32), b.astype(f32)) * scale
+@functools.partial(jax.jit, static_argnums=4)
+def _merged(kernel, a, b, scale, in_axis: int):
+    delta = jnp.einsum("lfr,lr...->lf...", a.astype(f32), b.astype(f32)) * scale
+    delta = jnp.moveaxis(delta, 1, 1 + in_axis)  # the input features where the kernel holds them
     return (kernel.astype(f32) + delta).astype(kernel.dtype)
 
 
@@ -227,7 +231,7 @@ def merge_lora(model, path, config: MagiConfig, scale: float = 1.0):
             b = arrays[("segments", seg, "layers", name, "lora_b")]
             k = lin.kernel[...]
             put = (lambda x, k=k: jax.device_put(x, k.sharding)) if hasattr(k, "sharding") else (lambda x: x)
-            lin.kernel[...] = _merged(k, put(a), put(b), f32(lcfg.scale * scale))
+            lin.kernel[...] = _merged(k, put(a), put(b), f32(lcfg.scale * scale), lin.in_axis)
     return model
 
 

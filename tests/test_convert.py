@@ -227,6 +227,22 @@ def test_loading_checkpoint_with_other_config_fails(plain, tmp_path):
         load_dit(tmp_path / "ck", other)
 
 
+def test_a_checkpoint_in_an_earlier_layout_is_refused(plain, tmp_path):
+    """Projections into heads were held (in, out) before layout 2: a square one (q) would load
+    with no shape error and compute garbage, so the layout is recorded and checked."""
+    import json
+
+    _, cfg, ref = plain
+    out = tmp_path / "ck"
+    checkpoint.save(ref, out, "dit", cfg.to_dict())
+    meta = json.loads((out / checkpoint.META).read_text())
+    assert meta["layout"] == checkpoint.LAYOUT["dit"] == 2
+    del meta["layout"]  # as earlier versions wrote it
+    (out / checkpoint.META).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="layout 1 .* convert the released weights again"):
+        load_dit(out, cfg)
+
+
 def _other_variant(cfg):
     """The same model as the other kind: base <-> distilled (whose weights share every key)."""
     distill = not cfg.engine.distill
