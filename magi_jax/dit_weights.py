@@ -4,7 +4,9 @@ Upstream loads `<load>/inference_weight[.fp8][.distill]/model.safetensors` (or t
 `model.safetensors.index.json`, optionally `.zst`) straight into `VideoDiTModel`'s module
 names. Each rule below names one such key, the leaf of our parameter tree it fills and the
 layout change:
-  * nn.Linear (out, in) -> kernel (in, out);
+  * nn.Linear (out, in) -> kernel (in, out), except where our kernel is held otherwise
+    (layers.KERNEL_LAYOUTS): the projections into heads (q, qx, k, v, kv_xattn) stay
+    (out, in), SwiGLU's fc1 becomes (2, in, out / 2);
   * Conv3d (D, C, pt, p, p) with stride = kernel -> a linear over flattened patches;
   * fp8 linears: weight (1, out, in) float8 -> kernel (in, out), scales as stored (the
     smooth scale (1, in) -> (in,));
