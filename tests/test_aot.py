@@ -267,7 +267,8 @@ def test_training_through_the_pallas_kernel_compiles_for_a_v5e_slice():
 @needs_libtpu
 def test_attention_queries_split_over_seq_when_it_does_not_divide_a_chunk():
     """TINY at 48x48 (18 tokens a chunk) on a v5e 2x4 slice, seq=4: each kernel call gets a
-    quarter of every chunk's query tokens, padded (5 = ceil(18 / 4)), not all 18 on every chip."""
+    quarter of every chunk's query tokens, padded (5 = ceil(18 / 4)), not all 18 on every chip,
+    and so does every other token activation of the window program."""
     cfg = load_config("tiny").replace(
         runtime=dict(SMALL, video_size_h=48, video_size_w=48), model=dict(params_dtype="bfloat16")
     )
@@ -279,6 +280,11 @@ def test_attention_queries_split_over_seq_when_it_does_not_divide_a_chunk():
     assert calls
     rows = {kinds[q][1][-2] for q, _, _ in calls}  # ([rows,] chunks, kv heads, query rows, head dim)
     assert rows == {m.num_attention_heads // m.num_query_groups * -(-n // 4)}, [[kinds[o] for o in c] for c in calls]
+    # and the rest of the layer holds the same quarter (each chunk's tokens padded to 20 at
+    # the DiT's input): no token activation holds a whole chunk, padded or not
+    tokens = [s[:-1] for _, s in kinds.values() if len(s) >= 3 and s[-1] == m.hidden_size]
+    assert [t for t in tokens if t[-1] == 5], tokens
+    assert not [t for t in tokens if {n, 20} & set(t)], tokens
 
 
 @needs_libtpu
