@@ -40,7 +40,7 @@ from magi_jax.forward_call import Captions, ForwardCall, Window
 from magi_jax.kv_cache import CacheSlots, KVCache, read_window, write_rows
 from magi_jax.layers import LayerNorm, Linear, gelu, linear, param, scan_layers, silu_and_mul, softcap, stack_layers
 from magi_jax.rope import apply_rope, rope_tables
-from magi_jax.sharding import RULES, constrain
+from magi_jax.sharding import constrain, split_count
 
 f32 = jnp.float32
 FREQ_DIM = 256  # sinusoidal timestep features
@@ -156,7 +156,7 @@ class DiTLayer(nnx.Module):
         self.fc2 = linear(ffn, d, smoothed=True, axes=("mlp", "embed"), **lin)
         self.mlp_post_norm = LayerNorm(d, eps=eps, dtype=f32, zero_centered=zc)
         self.heads, self.groups, self.head_dim = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
-        self.glu = cfg.gated_linear_unit
+        self.glu = glu
         self.params_dtype = pd
 
     def _gated_residual(self, out, residual, gate, norm):
@@ -255,10 +255,8 @@ def token_multiple() -> int:
     divide; padded to 12,152, every device holds a chunk's own 1,519 tokens, and attention
     takes each chunk's queries as they lie, with no gather or reshard. The padding is never
     a key (the DiT drops it before the key buffer), never written to the cache, and its
-    outputs are dropped before the final layer."""
-    mesh = jax.sharding.get_abstract_mesh()
-    axis = RULES["tokens"]
-    return 1 if mesh.empty or axis is None else mesh.shape.get(axis, 1)
+    outputs are dropped after the final linear."""
+    return split_count("tokens")
 
 
 def layer_segments(cfg: ModelConfig, fp8_quant: bool) -> list[tuple[int, int, bool]]:

@@ -95,10 +95,12 @@ class Linear(nnx.Module):
         layout: str = "in_out",
         rngs: nnx.Rngs | None = None,
     ):
+        if bias and layout == "halves":
+            raise ValueError("a [gate | up] kernel held as halves takes no bias")
         # LeCun-normal so that random (untrained) models propagate signal through every layer
         shape, kernel_axes, self.in_axis = kernel_shape(fin, fout, axes, layout)
         self.kernel = param(rngs, shape, dtype, kernel_axes, scale=fin**-0.5)
-        self.bias = param(None, (fout,), dtype, axes[1:]) if bias and layout != "halves" else None
+        self.bias = param(None, (fout,), dtype, axes[1:]) if bias else None
         self.compute_dtype = compute_dtype
 
     def __call__(self, x):

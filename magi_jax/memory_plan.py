@@ -166,7 +166,8 @@ def plan_memory(
                 continue
             r = call.chunks + int(call.near_clean_copy)
             n = lay.chunk_tokens
-            s = r * n // seq  # tokens of this device
+            per_chunk = -(-n // seq)  # a chunk's tokens on this device (padded to split, dit.token_multiple)
+            s = r * per_chunk
             window = min(call.cache_window or cache_shape[1], cache_shape[1])
             keys = window + r * n
             carry = 2 * rows * s * d * pd
@@ -175,7 +176,7 @@ def plan_memory(
             qkv = rows * s * (2 * h + 2 * g) * hd * pd // model_split
             span = min(call.kv_span or keys, keys)
             shape = _AttentionShape(
-                rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split, -(-n // seq), hd
+                rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split, per_chunk, hd
             )
             layout_kv, tile, cross = _attention_bytes(impl, shape)
             kv += layout_kv
@@ -299,7 +300,7 @@ def plan_training_memory(
     hh, ww = rt.latent_hw
     frames = chunks * rt.chunk_width
     n = rt.chunk_width // m.t_patch_size * (hh // m.patch_size) * (ww // m.patch_size)
-    s = chunks * n // sizes["seq"]
+    s = chunks * -(-n // sizes["seq"])  # tokens a device holds (a chunk padded to split, dit.token_multiple)
     b = clips_per_device
     length = m.caption_max_length
     batch = b * (c * frames * hh * ww * 4 * 4 + chunks * length * (m.caption_channels + 1) * 4 * 2)

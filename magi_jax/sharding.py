@@ -101,16 +101,15 @@ def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
-def spec(logical: tuple, shape: tuple, mesh, rules=RULES, uneven: bool = False) -> P:
-    """The PartitionSpec for an array with these logical axis names and shape on `mesh`.
-    `uneven`: split a dimension the mesh axis does not divide too (see `constrain`)."""
+def spec(logical: tuple, shape: tuple, mesh, rules=RULES) -> P:
+    """The PartitionSpec for an array with these logical axis names and shape on `mesh`."""
     out, used = [], set()
     for name, size in zip(logical, shape):
         if name is not None and name not in rules:
             raise KeyError(f"logical axis {name!r} has no entry in sharding.RULES")
         axis = rules.get(name) if name is not None else None
         n = mesh.shape[axis] if axis is not None else 1
-        if axis is None or n == 1 or axis in used or (size % n and not (uneven and size >= n)):
+        if axis is None or n == 1 or axis in used or size % n:
             out.append(None)
         else:
             out.append(axis)
@@ -142,19 +141,21 @@ def array_sharding(logical: tuple, shape: tuple, mesh, rules=RULES) -> NamedShar
     return NamedSharding(mesh, spec(logical, shape, mesh, rules))
 
 
-def constrain(x, logical: tuple, rules=RULES, uneven: bool = False):
+def constrain(x, logical: tuple, rules=RULES):
     """Hints the layout of an activation inside jit when a mesh is active; no-op otherwise.
-
-    `uneven`: split a dimension the mesh axis does not divide as well. XLA's partitioner pads
-    it to a multiple of the axis and masks the padding (reductions, attention's softmax);
-    the padding is never read back. Without it such a dimension is replicated: a 4.5B chunk
-    of 12,150 tokens on `seq=8` would run whole on every device. Only inside jit: arrays
-    passed in or out (parameters, the KV cache) must divide evenly.
-    """
+    A dimension the mesh axis does not divide is replicated: the DiT pads a chunk's tokens to
+    a multiple of their split (`split_count`) so that they always divide."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    return jax.lax.with_sharding_constraint(x, spec(logical, x.shape, mesh, rules, uneven))
+    return jax.lax.with_sharding_constraint(x, spec(logical, x.shape, mesh, rules))
+
+
+def split_count(name: str, rules=RULES) -> int:
+    """How many devices the active mesh splits logical axis `name` over (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axis = rules[name]
+    return 1 if mesh.empty or axis is None else mesh.shape.get(axis, 1)
 
 
 # ----------------------------------------------------------------------------- multi-host
