@@ -217,7 +217,7 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
     from magi_jax.kv_cache import KVCache
     from magi_jax.sampler import Program as Static
     from magi_jax.sampler import SamplerState, StageInputs, advance, encode_prefix
-    from magi_jax.sampler_plan import cache_rows, latent_slots, layout, plan, prefix_call
+    from magi_jax.sampler_plan import cache_shape, latent_slots, layout, plan, prefix_call
 
     m = config.model
     abstract = abstract_dit(config)
@@ -235,7 +235,7 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
     out = []
     for pf in dict.fromkeys((0, prefix_frames)):
         lay = layout(config, pf)
-        shape = (m.num_layers, cache_rows(config, lay), m.num_query_groups, m.kv_channels)
+        shape = cache_shape(config, lay, split=sharding.split_count("kv_seq", mesh=mesh))
         where = sharding.array_sharding(KVCache.AXES, shape, mesh)
         c, _, h, w = lay.latent_shape
         slots = (c, latent_slots(config, lay) * lay.chunk_width, h, w)

@@ -211,10 +211,12 @@ class DiTLayer(nnx.Module):
         rows = call.rows
         window = slots = None
         if cache is not None:
-            size = min(call.window.cache_window or cache.rows, cache.rows)
             slots = call.cache_slots
             if slots is None:  # not planned: the cache is read and written by position
+                size = min(call.window.cache_window or cache.rows, cache.rows)
                 slots = CacheSlots.by_position(ctx.first_token, size, cache.rows)
+            else:  # planned chunk slots of the ring: rows padded past it (sampler_plan.cache_shape) are never read
+                size = slots.read.shape[0] * ctx.chunk_tokens
         if cache is not None and rows.read_cache:
             with jax.named_scope("kv_cache_read"):
                 kw, vw, pos, _ = read_window(cache, layer, ctx.first_token, slots, size)

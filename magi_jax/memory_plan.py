@@ -126,7 +126,7 @@ def plan_memory(
     the working set is at least two layers' weights. On CPU, programs over 16-bit weights
     compile so that no float32 copy of the whole stacks is made (compile_cache.program_options)."""
     from magi_jax.dit_weights import abstract_dit
-    from magi_jax.sampler_plan import cache_rows, latent_slots, layout, plan
+    from magi_jax.sampler_plan import cache_rows, cache_shape, latent_slots, layout, plan
 
     sizes = dict.fromkeys(sharding.MESH_AXES, 1) | (mesh_sizes or {})
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
@@ -142,8 +142,9 @@ def plan_memory(
     layer_copies = 2 * stacked // m.num_layers if (platform or jax.default_backend()) == "cpu" else 0
 
     lay = layout(config, prefix_frames)
-    cache_shape = (m.num_layers, cache_rows(config, lay), m.num_query_groups, m.kv_channels)
-    cache = 2 * _bytes(cache_shape, m.dtype) // _shard_factor(KVCache.AXES, cache_shape, mesh)
+    ring_rows = cache_rows(config, lay)
+    allocated = cache_shape(config, lay, split=sizes[sharding.RULES["kv_seq"]])
+    cache = 2 * _bytes(allocated, m.dtype) // _shard_factor(KVCache.AXES, allocated, mesh)
 
     seq = sizes["seq"]
     pd = jnp.dtype(m.dtype).itemsize
@@ -168,7 +169,7 @@ def plan_memory(
             n = lay.chunk_tokens
             per_chunk = -(-n // seq)  # a chunk's tokens on this device (padded to split, dit.token_multiple)
             s = r * per_chunk
-            window = min(call.cache_window or cache_shape[1], cache_shape[1])
+            window = min(call.cache_window or ring_rows, ring_rows)
             keys = window + r * n
             carry = 2 * rows * s * d * pd
             kv_row = g * hd * pd // model_split

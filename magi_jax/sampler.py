@@ -61,7 +61,7 @@ from magi_jax.dit import DiT
 from magi_jax.forward_call import NULL_ROW, Captions, ForwardCall, Window
 from magi_jax.guidance import guided_velocity
 from magi_jax.kv_cache import KVCache
-from magi_jax.sampler_plan import Group, Layout, StepPlan, cache_rows, latent_slots, layout, plan, prefix_call
+from magi_jax.sampler_plan import Group, Layout, StepPlan, cache_shape, latent_slots, layout, plan, prefix_call
 
 f32 = np.float32
 
@@ -427,8 +427,9 @@ class Sampler:
         stages = plan(cfg, lay, self.ring)
 
         m = cfg.model
-        rows = cache_rows(cfg, lay, self.ring)
-        cache = KVCache.create(m.num_layers, rows, m.num_query_groups, m.kv_channels, m.dtype)
+        split = 1 if self.mesh is None else sharding.split_count("kv_seq", mesh=self.mesh)
+        layers, rows, groups, head_dim = cache_shape(cfg, lay, self.ring, split)
+        cache = KVCache.create(layers, rows, groups, head_dim, m.dtype)
         if self.mesh is not None:
             where = sharding.array_sharding(KVCache.AXES, cache.k.shape, self.mesh)
             cache = KVCache(jax.device_put(cache.k, where), jax.device_put(cache.v, where))

@@ -202,6 +202,17 @@ def cache_rows(config: MagiConfig, lay: Layout, ring: bool = True) -> int:
     return min(whole, max(cache_window_rows(config, lay) + written, lay.clean_chunks * lay.chunk_tokens))
 
 
+def cache_shape(config: MagiConfig, lay: Layout, ring: bool = True, split: int = 1) -> tuple[int, int, int, int]:
+    """(layers, rows, key/value heads, head dim) of the KV cache arrays: `cache_rows`, rounded
+    up to a multiple of `split`, the devices its rows are split over (`kv_seq`). A ring of
+    five 12,150-token chunks (a V2V prefix at 4.5B, 720x720) is 60,750 rows, which `seq=8`
+    does not divide: unpadded it was held whole on every device. The extra rows lie past the
+    ring (chunk slots are planned over `cache_rows` alone), so nothing reads or writes them."""
+    m = config.model
+    rows = cache_rows(config, lay, ring)
+    return (m.num_layers, -(-rows // split) * split, m.num_query_groups, m.kv_channels)
+
+
 def latent_slots(config: MagiConfig, lay: Layout, ring: bool = True) -> int:
     """Chunks of latents the sampler carries: a window and the clean chunk run again with it."""
     return min(lay.chunk_num, config.runtime.window_size + 1) if ring else lay.chunk_num

@@ -151,9 +151,10 @@ def constrain(x, logical: tuple, rules=RULES):
     return jax.lax.with_sharding_constraint(x, spec(logical, x.shape, mesh, rules))
 
 
-def split_count(name: str, rules=RULES) -> int:
-    """How many devices the active mesh splits logical axis `name` over (1 without a mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
+def split_count(name: str, rules=RULES, mesh=None) -> int:
+    """How many devices `mesh` (default: the active one) splits logical axis `name` over (1
+    without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
     axis = rules[name]
     return 1 if mesh.empty or axis is None else mesh.shape.get(axis, 1)
 

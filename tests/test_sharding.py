@@ -156,6 +156,36 @@ def test_tokens_the_mesh_does_not_divide_are_padded_split_and_equal_one_device()
     assert not [t for t in tokens if {50, 56} & set(t) or any(d % 50 == 0 for d in t)], tokens
 
 
+@pytest.mark.slow
+def test_a_cache_ring_the_mesh_does_not_divide_is_padded_and_split():
+    """A V2V run at 48x48: two clean prefix chunks of 18 tokens make a ring of 90 cache rows,
+    which `seq=8` does not divide. The cache is allocated with 96 rows, split over `seq` as
+    the rules table says (unpadded, every device held it whole: 16.8 GiB of temporaries at
+    4.5B, 720x720 on a v5e-8); the rows past the ring are never read, and the latents equal
+    the single-device run's."""
+    cfg = mechanics_config(runtime=dict(num_frames=24, num_steps=4, window_size=2, video_size_h=48, video_size_w=48))
+    m = cfg.model
+    one = Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg)
+    cw = cfg.runtime.chunk_width
+    lay = one.layout(2 * cw)
+    assert (lay.clean_chunks, lay.chunk_tokens) == (2, 18)
+    rng = np.random.default_rng(2)
+    c, _, h, w = lay.latent_shape
+    prefix = rng.standard_normal((c, 2 * cw, h, w)).astype(np.float32)
+    cap = rng.standard_normal((2, lay.chunk_num, m.caption_max_length, m.caption_channels)).astype(np.float32)
+    mask = np.zeros((2, lay.chunk_num, m.caption_max_length), np.float32)
+    mask[:, :, :12] = 1
+    ref = [np.asarray(x) for x in one.chunks(cap, mask, seed=4, prefix=prefix)]
+    assert one.cache_shape[1] == 90
+    mesh = sharding.make_mesh(sharding.parse_mesh("seq=8", 8))
+    split = Sampler(DiT(m, rngs=nnx.Rngs(0)), cfg, mesh=mesh)
+    got = [np.asarray(x) for x in split.chunks(cap, mask, seed=4, prefix=prefix)]
+    assert split.cache_shape[1] == 96
+    assert tuple(split.cache_sharding.spec)[:2] == (None, "seq"), split.cache_sharding
+    scale = max(float(np.abs(b).max()) for b in ref)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, ref)) <= 1e-5 * scale
+
+
 def test_a_swiglu_mlp_pairs_gate_and_up_on_each_device():
     """24B's MLP is SwiGLU: fc1's kernel holds [gate | up] columns, which a `model` split in
     contiguous blocks would put on different devices, so every token's hidden layer would move
