@@ -186,11 +186,13 @@ class Program:
     jitted: object  # a jax.jit-ed function
     args: tuple
     on_mesh: bool = True  # traced under the mesh (the DiT's programs); False: one device
-    window: object = None  # a T2V window program's ForwardCall Window (the memory plan covers those)
+    window: object = None  # a DiT program's ForwardCall Window (what the memory plan is asked about)
+    prefix_frames: int = 0  # clean latent frames of the run it belongs to (the prefix encoding's)
+    plan: object = None  # the memory plan of a VAE or T5 program (a MemoryPlan)
 
     @property
     def chunks(self) -> int:
-        """Chunks a window program runs (the near-clean copy and clean chunk included); 0 otherwise."""
+        """Chunks a DiT program runs (the near-clean copy and clean chunk included); 0 otherwise."""
         w = self.window
         return 0 if w is None else w.chunks + int(w.near_clean_copy) + int(w.extra_clean_chunk)
 
@@ -251,7 +253,11 @@ def sampler_programs(config, mesh, impl: str, prefix_frames: int | None = None) 
             jitted = jax.jit(lambda *a: encode_prefix(*a), static_argnums=0, donate_argnums=2)
             out.append(
                 Program(
-                    f"prefix (V2V) {k} chunk{'s' * (k > 1)}", jitted, (static, params, state, x, captions(2, k), call)
+                    f"prefix (V2V) {k} chunk{'s' * (k > 1)}",
+                    jitted,
+                    (static, params, state, x, captions(2, k), call),
+                    window=call.window,
+                    prefix_frames=pf,
                 )
             )
             continue
@@ -278,6 +284,7 @@ def vae_program(config, device) -> Program:
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
 
+    from magi_jax.memory_plan import plan_vae_decode
     from magi_jax.sampler_plan import layout
     from magi_jax.vae import RELEASED, WORLD, Vae, VaeModel
     from magi_jax.vae_tiling import TileConfig
@@ -289,8 +296,9 @@ def vae_program(config, device) -> Program:
     state = jax.tree.map(lambda a: _sds(a.shape, a.dtype, where), vae.state)
     c, _, h, w = layout(config).latent_shape
     latents = _sds((c, config.runtime.chunk_width, h, w), jnp.float32, where)
+    plan = plan_vae_decode(cfg, latents.shape, vae.tiles)
     return Program(
-        "vae_decode chunk", vae._jit["decode_chunk"].jitted, (state, latents, vae.tiles, True), on_mesh=False
+        "vae_decode chunk", vae._jit["decode_chunk"].jitted, (state, latents, vae.tiles, True), on_mesh=False, plan=plan
     )
 
 
@@ -302,6 +310,7 @@ def t5_program(config, mesh, prompts: int = 2) -> Program:
     import jax.numpy as jnp
 
     from magi_jax import t5
+    from magi_jax.memory_plan import plan_t5_encode
     from magi_jax.weights import abstract_model
 
     cfg = t5.XXL if config.model.caption_channels == t5.XXL.d_model else t5.TINY
@@ -312,7 +321,8 @@ def t5_program(config, mesh, prompts: int = 2) -> Program:
     ids = _sds((prompts, config.model.caption_max_length), jnp.int32, everywhere)
     name = f"t5_encode {prompts} prompts over {mesh.devices.size} devices"
     state = _placed(abstract, t5.encoder_mesh(mesh))
-    return Program(name, encoder._encode.jitted, (state, ids, ids), on_mesh=False)
+    plan = plan_t5_encode(cfg, prompts, config.model.caption_max_length, mesh.devices.size)
+    return Program(name, encoder._encode.jitted, (state, ids, ids), on_mesh=False, plan=plan)
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -432,8 +442,10 @@ def check(
 
     for p in todo:
         planned = None
-        if p.window is not None:  # the plan of a T2V run's steps of this window
-            planned = plan_memory(config, dict(mesh.shape), 0, impl, p.window, devices[0].platform).total
+        if p.window is not None:  # the plan of the run's steps of this window
+            planned = plan_memory(config, dict(mesh.shape), p.prefix_frames, impl, p.window, devices[0].platform).total
+        elif p.plan is not None:
+            planned = p.plan.total
         try:
             compiled, seconds = compile_program(p, mesh, impl)
         except Exception as e:  # the TPU compiler refuses a program that cannot fit the chip

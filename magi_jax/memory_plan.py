@@ -126,7 +126,7 @@ def plan_memory(
     the working set is at least two layers' weights. On CPU, programs over 16-bit weights
     compile so that no float32 copy of the whole stacks is made (compile_cache.program_options)."""
     from magi_jax.dit_weights import abstract_dit
-    from magi_jax.sampler_plan import cache_rows, cache_shape, latent_slots, layout, plan
+    from magi_jax.sampler_plan import cache_rows, cache_shape, latent_slots, layout, plan, prefix_call
 
     sizes = dict.fromkeys(sharding.MESH_AXES, 1) | (mesh_sizes or {})
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
@@ -159,39 +159,40 @@ def plan_memory(
     # latents and prefix in the slots; both caption rows of a window's chunks and the null caption
     # the re-encoded clean chunk reads
     inputs = 4 * (2 * c * slots * hh * ww) + 4 * (2 * window + 1) * length * (cc + 1)
+    windows = [group.window for stage in plan(config, lay) for group in stage.groups]
+    if lay.clean_chunks:  # a V2V run first encodes its clean prefix chunks in one call
+        windows.append(prefix_call(config, lay).window)
     largest = 0
-    for stage in plan(config, lay):
-        for group in stage.groups:
-            call = group.window
-            if only_window is not None and call != only_window:
-                continue
-            r = call.chunks + int(call.near_clean_copy)
-            n = lay.chunk_tokens
-            per_chunk = -(-n // seq)  # a chunk's tokens on this device (padded to split, dit.token_multiple)
-            s = r * per_chunk
-            window = min(call.cache_window or ring_rows, ring_rows)
-            keys = window + r * n
-            carry = 2 * rows * s * d * pd
-            kv_row = g * hd * pd // model_split
-            kv = rows * 2 * keys * kv_row + 2 * window * kv_row  # the key buffer per row, the cache window
-            qkv = rows * s * (2 * h + 2 * g) * hd * pd // model_split
-            span = min(call.kv_span or keys, keys)
-            shape = _AttentionShape(
-                rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split, per_chunk, hd
-            )
-            layout_kv, tile, cross = _attention_bytes(impl, shape)
-            kv += layout_kv
-            cross += rows * r * length * 2 * kv_row  # the chunks' caption keys and values
-            proj = rows * s * (2 * h * hd * pd // model_split + 3 * d * 4)
-            mlp = rows * s * ffn * (pd + 4) // model_split
-            # the window's projected captions (float32, then params_dtype), held through the layers
-            captions = rows * r * length * dx * (4 + pd)
-            # base models project the null caption's chunks too: their float32 tokens live only
-            # while projected, before the layers, so XLA reuses that memory for the layers' own
-            caption_tokens = (rows // 2) * r * length * cc * 4
-            working = carry + kv + qkv + max(tile, cross, proj, mlp, caption_tokens) + captions
-            working = max(working, layer_copies)
-            largest = max(largest, working)
+    for call in windows:
+        if only_window is not None and call != only_window:
+            continue
+        r = call.chunks + int(call.near_clean_copy)
+        n = lay.chunk_tokens
+        per_chunk = -(-n // seq)  # a chunk's tokens on this device (padded to split, dit.token_multiple)
+        s = r * per_chunk
+        window = min(call.cache_window or ring_rows, ring_rows)
+        keys = window + r * n
+        carry = 2 * rows * s * d * pd
+        kv_row = g * hd * pd // model_split
+        kv = rows * 2 * keys * kv_row + 2 * window * kv_row  # the key buffer per row, the cache window
+        qkv = rows * s * (2 * h + 2 * g) * hd * pd // model_split
+        span = min(call.kv_span or keys, keys)
+        shape = _AttentionShape(
+            rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split, per_chunk, hd
+        )
+        layout_kv, tile, cross = _attention_bytes(impl, shape)
+        kv += layout_kv
+        cross += rows * r * length * 2 * kv_row  # the chunks' caption keys and values
+        proj = rows * s * (2 * h * hd * pd // model_split + 3 * d * 4)
+        mlp = rows * s * ffn * (pd + 4) // model_split
+        # the window's projected captions (float32, then params_dtype), held through the layers
+        captions = rows * r * length * dx * (4 + pd)
+        # base models project the null caption's chunks too: their float32 tokens live only
+        # while projected, before the layers, so XLA reuses that memory for the layers' own
+        caption_tokens = (rows // 2) * r * length * cc * 4
+        working = carry + kv + qkv + max(tile, cross, proj, mlp, caption_tokens) + captions
+        working = max(working, layer_copies)
+        largest = max(largest, working)
     return MemoryPlan(params, cache, largest + inputs, sizes)
 
 
@@ -354,3 +355,54 @@ def compiled_train_memory(config: MagiConfig, chunks: int, lora=None, master_dty
     frozen = jax.tree.map(lambda a: sds(a.shape, a.dtype), trainer.frozen)
     ma = trainer._step.lower(state, frozen, batch).compile().memory_analysis()
     return ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+
+
+# ----------------------------------------------------------------------------- VAE and T5
+
+
+def plan_vae_decode(vae_cfg, latent_shape: tuple, tiles) -> MemoryPlan:
+    """Per-device bytes of decoding one chunk's latents (z, t, h, w) on one device, as
+    vae.Vae.decode_chunk runs it: the decoder's weights, the latents and the uint8 frames,
+    every tile's decoded pixels (float32 while they are blended; they are all held until the
+    chunk is assembled) and one tile's attention scores (float32, heads x tokens^2: the
+    largest part, 0.6 GB for a 256 x 256 x 12 tile) and MLP hidden layer. Checked against
+    XLA's account of the TPU program (aot.vae_program) in tests/test_aot.py."""
+    from magi_jax.vae import VaeModel
+    from magi_jax.vae_tiling import plan as tile_plan
+    from magi_jax.weights import abstract_model
+
+    abstract = abstract_model(lambda: VaeModel(vae_cfg))
+    params = sum(_bytes(v.shape, v.dtype) for v in jax.tree.leaves(nnx.state(abstract.decoder)))
+    zc, t, h, w = latent_shape
+    axes = tile_plan(tiles, vae_cfg.patch_length, vae_cfg.patch_size, decode=True)
+    extents = [[min(ax.size, n - s) for s in ax.starts(n)] for ax, n in zip(axes, (t, h, w))]
+    pixels = 0  # every tile's output (3 x frames x height x width)
+    for lt in extents[0]:
+        for lh in extents[1]:
+            for lw in extents[2]:
+                frames = 1 if lt == 1 else lt * vae_cfg.patch_length
+                pixels += 3 * frames * lh * lw * vae_cfg.patch_size**2
+    tokens = max(extents[0]) * max(extents[1]) * max(extents[2]) + 1  # the class token
+    tile = vae_cfg.num_heads * tokens**2 * 4 + tokens * vae_cfg.mlp_hidden * 4
+    frames = (1 if t == 1 else t * vae_cfg.patch_length) * h * w * vae_cfg.patch_size**2 * 3
+    return MemoryPlan(params, 0, zc * t * h * w * 4 + frames + pixels * 4 + tile, {})
+
+
+def plan_t5_encode(t5_cfg, prompts: int, length: int, devices: int, dtype=jnp.float32) -> MemoryPlan:
+    """Per-device bytes of encoding `prompts` prompts of `length` tokens with the weights split
+    over `devices` (t5.t5_shardings: heads and MLP width over all of them): the weights'
+    share, and the position bias (N, H, L, L), which XLA holds whole on every device, with
+    one layer's scores, MLP hidden layer and residual stream. Checked like plan_vae_decode."""
+    from magi_jax.t5 import abstract_t5
+
+    mesh = jax.sharding.AbstractMesh((1, devices, 1), sharding.MESH_AXES)
+    params = 0
+    for _, var in nnx.to_flat_state(nnx.state(abstract_t5(t5_cfg, dtype))):
+        v = var.get_value()
+        params += _bytes(v.shape, v.dtype) // _shard_factor(var.get_metadata()["out_sharding"], v.shape, mesh)
+    item = jnp.dtype(dtype).itemsize
+    heads = prompts * t5_cfg.num_heads * length * length * item
+    stream = prompts * length * t5_cfg.d_model * item
+    layer = heads // devices + 3 * prompts * length * t5_cfg.d_ff * item // devices + 2 * stream
+    ids = 2 * prompts * length * 4
+    return MemoryPlan(params, 0, ids + stream + heads + layer, {"model": devices})
