@@ -20,7 +20,8 @@ forward is spent on empty chunks. Clean chunks are handed out between dispatches
 moment they leave the window.
 
 Memory does not grow with the video. The KV cache is a ring (kv_cache.py) of `cache_rows`
-rows, and the plan says which rows each call reads and writes (ForwardCall.cache_slots).
+rows (allocated in a multiple of the devices they split over, `cache_shape`), and the plan
+says which rows each call reads and writes (ForwardCall.cache_slots).
 The loop carries the latents of `latent_slots` chunks (the window and the clean chunk run
 again with it); the plan says which chunk sits in slot 0 (`Group.slot_base`), and between
 stages the oldest slots leave and the next chunks' initial noise enters. A stage's inputs
