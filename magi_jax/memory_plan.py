@@ -376,12 +376,9 @@ def plan_vae_decode(vae_cfg, latent_shape: tuple, tiles) -> MemoryPlan:
     zc, t, h, w = latent_shape
     axes = tile_plan(tiles, vae_cfg.patch_length, vae_cfg.patch_size, decode=True)
     extents = [[min(ax.size, n - s) for s in ax.starts(n)] for ax, n in zip(axes, (t, h, w))]
-    pixels = 0  # every tile's output (3 x frames x height x width)
-    for lt in extents[0]:
-        for lh in extents[1]:
-            for lw in extents[2]:
-                frames = 1 if lt == 1 else lt * vae_cfg.patch_length
-                pixels += 3 * frames * lh * lw * vae_cfg.patch_size**2
+    # every tile's output, 3 x frames x height x width (a one-latent-frame tile gives one frame)
+    tile_frames = sum(1 if lt == 1 else lt * vae_cfg.patch_length for lt in extents[0])
+    pixels = 3 * tile_frames * sum(extents[1]) * sum(extents[2]) * vae_cfg.patch_size**2
     tokens = max(extents[0]) * max(extents[1]) * max(extents[2]) + 1  # the class token
     tile = vae_cfg.num_heads * tokens**2 * 4 + tokens * vae_cfg.mlp_hidden * 4
     frames = (1 if t == 1 else t * vae_cfg.patch_length) * h * w * vae_cfg.patch_size**2 * 3
