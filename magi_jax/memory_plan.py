@@ -59,6 +59,19 @@ def _shard_factor(logical, shape, mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in spec if a is not None], dtype=np.int64))
 
 
+def _abstract_mesh(mesh_sizes: dict | None):
+    """({axis: size} for every mesh axis, the AbstractMesh of those sizes)."""
+    sizes = dict.fromkeys(sharding.MESH_AXES, 1) | (mesh_sizes or {})
+    return sizes, jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+
+
+def _shares(module, mesh):
+    """(logical axes, value, devices it is split over) of each of an abstract module's variables."""
+    for _, var in nnx.to_flat_state(nnx.state(module)):
+        v, logical = var.get_value(), var.get_metadata()["out_sharding"]
+        yield logical, v, _shard_factor(logical, v.shape, mesh)
+
+
 def _bytes(shape, dtype) -> int:
     return int(np.prod(shape, dtype=np.int64)) * jnp.dtype(dtype).itemsize
 
@@ -128,22 +141,20 @@ def plan_memory(
     from magi_jax.dit_weights import abstract_dit
     from magi_jax.sampler_plan import cache_rows, cache_shape, latent_slots, layout, plan, prefix_call
 
-    sizes = dict.fromkeys(sharding.MESH_AXES, 1) | (mesh_sizes or {})
-    mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+    sizes, mesh = _abstract_mesh(mesh_sizes)
     m, rt = config.model, config.runtime
     impl = impl or attention.implementation(m.dtype)
 
     params = stacked = 0
-    for _, var in nnx.to_flat_state(nnx.state(abstract_dit(config))):
-        v, logical = var.get_value(), var.get_metadata()["out_sharding"]
-        here = _bytes(v.shape, v.dtype) // _shard_factor(logical, v.shape, mesh)
+    for logical, v, split in _shares(abstract_dit(config), mesh):
+        here = _bytes(v.shape, v.dtype) // split
         params += here
         stacked += here if logical and logical[0] == "layers" else 0
     layer_copies = 2 * stacked // m.num_layers if (platform or jax.default_backend()) == "cpu" else 0
 
     lay = layout(config, prefix_frames)
     ring_rows = cache_rows(config, lay)
-    allocated = cache_shape(config, lay, split=sizes[sharding.RULES["kv_seq"]])
+    allocated = cache_shape(config, lay, split=sharding.split_count("kv_seq", mesh=mesh))
     cache = 2 * _bytes(allocated, m.dtype) // _shard_factor(KVCache.AXES, allocated, mesh)
 
     seq = sizes["seq"]
@@ -263,8 +274,7 @@ def plan_training_memory(
     """
     from magi_jax.dit_weights import abstract_dit
 
-    sizes = dict.fromkeys(sharding.MESH_AXES, 1) | (mesh_sizes or {})
-    mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+    sizes, mesh = _abstract_mesh(mesh_sizes)
     m, rt = config.model, config.runtime
     pd = jnp.dtype(m.dtype).itemsize
     if flash_attention is None:
@@ -273,9 +283,7 @@ def plan_training_memory(
         flash_attention = implementation(m.dtype) in ("cudnn", "pallas")
 
     params, count = 0, 0
-    for _, var in nnx.to_flat_state(nnx.state(abstract_dit(config))):
-        v = var.get_value()
-        split = _shard_factor(var.get_metadata()["out_sharding"], v.shape, mesh)
+    for _, v, split in _shares(abstract_dit(config), mesh):
         params += _bytes(v.shape, v.dtype) // split
         count += int(np.prod(v.shape, dtype=np.int64)) // split
     d, h, g, hd = m.hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels
@@ -392,11 +400,8 @@ def plan_t5_encode(t5_cfg, prompts: int, length: int, devices: int, dtype=jnp.fl
     one layer's scores, MLP hidden layer and residual stream. Checked like plan_vae_decode."""
     from magi_jax.t5 import abstract_t5
 
-    mesh = jax.sharding.AbstractMesh((1, devices, 1), sharding.MESH_AXES)
-    params = 0
-    for _, var in nnx.to_flat_state(nnx.state(abstract_t5(t5_cfg, dtype))):
-        v = var.get_value()
-        params += _bytes(v.shape, v.dtype) // _shard_factor(var.get_metadata()["out_sharding"], v.shape, mesh)
+    _, mesh = _abstract_mesh({"model": devices})
+    params = sum(_bytes(v.shape, v.dtype) // split for _, v, split in _shares(abstract_t5(t5_cfg, dtype), mesh))
     item = jnp.dtype(dtype).itemsize
     heads = prompts * t5_cfg.num_heads * length * length * item
     stream = prompts * length * t5_cfg.d_model * item
