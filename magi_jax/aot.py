@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -82,7 +83,7 @@ class Record:
             f"out {self.output_bytes / GiB:5.2f}, temp {self.temp_bytes / GiB:6.2f})  plan {plan}  "
             f"HBM {self.hbm_bytes / GiB:5.1f}  {'fits' if self.fits else 'DOES NOT FIT'}  "
             f"{self.flops / 1e12:9.2f} TFLOP  {self.seconds:5.1f} s"
-            + ("  (refused by the compiler: temporaries alone)" if self.argument_bytes == 0 else "")
+            + ("  (refused by the compiler)" if math.isnan(self.seconds) else "")
         )
 
 
@@ -364,19 +365,34 @@ def compiled_step_memory(config, impl: str | None = None) -> int:
     return device_bytes(compiled)[0]
 
 
-def _refused_bytes(error) -> int | None:
-    """The bytes a program needs when the compiler refused it for running out of HBM; None
-    for other errors."""
+def _refused_bytes(error) -> tuple[int, bool] | None:
+    """(bytes, whether they are the temporaries alone) a program needs when the compiler
+    refused it for running out of HBM; None for other errors."""
     import re
 
     text = str(error)
     if "RESOURCE_EXHAUSTED" not in text:
         return None
     # "... HLO temporaries (26.92G) exceeds ...", or "Total hbm usage >= 16.04G:"
-    found = re.search(r"\(([0-9.]+)([KMGT])\) exceeds", text) or re.search(r"hbm usage >= ([0-9.]+)([KMGT])", text)
+    temporaries = re.search(r"temporaries \(([0-9.]+)([KMGT])\) exceeds", text)
+    found = temporaries or re.search(r"hbm usage >= ([0-9.]+)([KMGT])", text)
     if not found:
         return None
-    return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
+    return int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024), temporaries is not None
+
+
+def argument_bytes(args) -> int:
+    """Bytes of a program's arguments (placed shapes) on its most loaded device, from their
+    shardings alone: what a refused program's temporaries come on top of."""
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(args):
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            continue
+        shape = leaf.shape if leaf.sharding is None else leaf.sharding.shard_shape(leaf.shape)
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return total
 
 
 def flops(compiled) -> float:
@@ -449,11 +465,14 @@ def check(
         try:
             compiled, seconds = compile_program(p, mesh, impl)
         except Exception as e:  # the TPU compiler refuses a program that cannot fit the chip
-            needed = _refused_bytes(e)
-            if needed is None:
+            refused = _refused_bytes(e)
+            if refused is None:
                 raise
-            compiled, seconds = None, float("nan")
-            total, a, o, t, work = needed, 0, 0, needed, float("nan")
+            needed, alone = refused
+            compiled, seconds, work = None, float("nan"), float("nan")
+            # the step's outputs are its donated state: they take the arguments' memory
+            a = argument_bytes(p.args) if alone else 0
+            total, o, t = needed + a, 0, needed if alone else 0
         else:
             total, a, o, t = device_bytes(compiled)
             work = flops(compiled)

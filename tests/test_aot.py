@@ -102,9 +102,22 @@ def test_command_writes_one_record_per_program(tmp_path, capsys):
     ],
 )
 def test_a_refusal_for_memory_is_read_as_the_bytes_it_needs(message, gib):
-    """Both forms libtpu words it in: the run is recorded as does-not-fit with those bytes."""
-    assert aot._refused_bytes(RuntimeError(message)) == int(gib * aot.GiB)
+    """Both forms libtpu words it in (the temporaries alone, or the whole program): the run is
+    recorded as does-not-fit with those bytes."""
+    assert aot._refused_bytes(RuntimeError(message)) == (int(gib * aot.GiB), "temporaries" in message)
     assert aot._refused_bytes(RuntimeError("INVALID_ARGUMENT: something else")) is None
+
+
+def test_a_refused_programs_arguments_are_counted_from_their_shardings():
+    """A program the compiler refuses reports only its temporaries; its arguments (parameters,
+    KV cache, inputs: the donated state the outputs reuse) are added from the placed shapes.
+    On the host's 8 devices that count is XLA's own within 1% (XLA drops an unused input)."""
+    cfg = _tiny()
+    mesh, _ = aot.slice_mesh("host", "model=2,seq=4")
+    program = aot.sampler_programs(cfg, mesh, "xla", prefix_frames=0)[0]
+    compiled, _ = aot.compile_program(program, mesh, "xla")
+    xla = compiled.memory_analysis().argument_size_in_bytes
+    assert abs(aot.argument_bytes(program.args) - xla) <= 0.01 * xla
 
 
 def test_bad_requests_are_one_clear_error(capsys):
