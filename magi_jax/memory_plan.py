@@ -396,15 +396,15 @@ def plan_vae_decode(vae_cfg, latent_shape: tuple, tiles) -> MemoryPlan:
 def plan_t5_encode(t5_cfg, prompts: int, length: int, devices: int, dtype=jnp.float32) -> MemoryPlan:
     """Per-device bytes of encoding `prompts` prompts of `length` tokens with the weights split
     over `devices` (t5.t5_shardings: heads and MLP width over all of them): the weights'
-    share, and the position bias (N, H, L, L), which XLA holds whole on every device, with
-    one layer's scores, MLP hidden layer and residual stream. Checked like plan_vae_decode."""
+    share, and the position bias (N, H, L, L) split over heads like the scores, with one
+    layer's scores, MLP hidden layer and residual stream. Checked like plan_vae_decode."""
     from magi_jax.t5 import abstract_t5
 
     _, mesh = _abstract_mesh({"model": devices})
     params = sum(_bytes(v.shape, v.dtype) // split for _, v, split in _shares(abstract_t5(t5_cfg, dtype), mesh))
     item = jnp.dtype(dtype).itemsize
-    heads = prompts * t5_cfg.num_heads * length * length * item
+    heads = prompts * t5_cfg.num_heads * length * length * item // devices  # the bias, or one layer's scores
     stream = prompts * length * t5_cfg.d_model * item
-    layer = heads // devices + 3 * prompts * length * t5_cfg.d_ff * item // devices + 2 * stream
+    layer = heads + 3 * prompts * length * t5_cfg.d_ff * item // devices + 2 * stream
     ids = 2 * prompts * length * 4
     return MemoryPlan(params, 0, ids + stream + heads + layer, {"model": devices})

@@ -215,9 +215,13 @@ class T5Encoder(nnx.Module):
         length = ids.shape[1]
         with jax.named_scope("t5_embed"):
             x = jnp.take(self.embedding[...], ids, axis=0)
-        buckets = relative_position_buckets(length, cfg)
-        rel = np.arange(length)[None, :] - np.arange(length)[:, None] + length - 1  # key - query
-        bias = jnp.take(self.position_bias[...], jnp.asarray(buckets[rel]), axis=0).transpose(2, 0, 1)[None]
+        # (H, 2L-1): each head's bias per relative position key - query (from -(L-1) on)
+        by_offset = jnp.take(self.position_bias[...], jnp.asarray(relative_position_buckets(length, cfg)), axis=0).T
+        # query q reads offsets L-1-q .. 2L-2-q. Not one gather of L * L positions: XLA lays
+        # that out (L * L, heads), and a TPU pads a device's few heads to 128 lanes (0.3 GiB at XXL)
+        bias = jax.vmap(lambda q: jax.lax.dynamic_slice_in_dim(by_offset, length - 1 - q, length, 1), out_axes=1)(
+            jnp.arange(length)
+        )[None]
         lowest = jnp.finfo(dtype).min
         bias = bias + jnp.where(mask[:, None, None, :] > 0, 0.0, lowest).astype(dtype)
 
