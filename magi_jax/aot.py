@@ -470,9 +470,10 @@ def check(
                 raise
             needed, alone = refused
             compiled, seconds, work = None, float("nan"), float("nan")
-            # the step's outputs are its donated state: they take the arguments' memory
-            a = argument_bytes(p.args) if alone else 0
-            total, o, t = needed + a, 0, needed if alone else 0
+            # the named temporaries come on top of the arguments; the step's outputs are its
+            # donated state and take the arguments' memory
+            a, t = (argument_bytes(p.args), needed) if alone else (0, 0)
+            total, o = needed + a, 0
         else:
             total, a, o, t = device_bytes(compiled)
             work = flops(compiled)
