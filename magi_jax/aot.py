@@ -287,7 +287,8 @@ def vae_program(config, device) -> Program:
 
     from magi_jax.memory_plan import plan_vae_decode
     from magi_jax.sampler_plan import layout
-    from magi_jax.vae import RELEASED, WORLD, Vae, VaeModel
+    from magi_jax.vae import RELEASED, WORLD, VaeModel
+    from magi_jax.vae_runtime import Vae
     from magi_jax.vae_tiling import TileConfig
     from magi_jax.weights import abstract_model
 

@@ -370,7 +370,7 @@ def compiled_train_memory(config: MagiConfig, chunks: int, lora=None, master_dty
 
 def plan_vae_decode(vae_cfg, latent_shape: tuple, tiles) -> MemoryPlan:
     """Per-device bytes of decoding one chunk's latents (z, t, h, w) on one device, as
-    vae.Vae.decode_chunk runs it: the decoder's weights, the latents and the uint8 frames,
+    vae_runtime.Vae.decode_chunk runs it: the decoder's weights, the latents and the uint8 frames,
     every tile's decoded pixels (float32 while they are blended; they are all held until the
     chunk is assembled) and one tile's attention scores (float32, heads x tokens^2: the
     largest part, 0.6 GB for a 256 x 256 x 12 tile) and MLP hidden layer. Checked against

@@ -144,7 +144,8 @@ def dit_model(config: MagiConfig, random_weights: bool, source: Path | None, mes
 def vae_model(config: MagiConfig, random_weights: bool):
     """The VAE: loaded, or random (the tiny variant's); its patch must be the config's
     spatial_downsample_factor and its latent channels the DiT's."""
-    from magi_jax.vae import WORLD, Vae, VaeConfigError, VaeModel
+    from magi_jax.vae import WORLD, VaeConfigError, VaeModel
+    from magi_jax.vae_runtime import Vae
     from magi_jax.vae_tiling import TileConfig
     from magi_jax.vae_weights import load_vae
 

@@ -101,7 +101,7 @@ def _write_npz(path: Path, **arrays):
 def prepare(sources, out, config: MagiConfig, vae, text, progress: bool = True) -> dict:
     """Encodes every usable source into `out`; returns {"clips": n, "skipped": [(name, why)]}.
 
-    `vae` (vae.Vae) and `text` (t5.TextEncoder) are loaded by the caller; frames, size and fps
+    `vae` (vae_runtime.Vae) and `text` (t5.TextEncoder) are loaded by the caller; frames, size and fps
     come from config.runtime (num_frames, video_size_h/w, fps)."""
     from magi_jax.video_io import MediaError, read_video
 

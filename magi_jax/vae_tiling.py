@@ -4,7 +4,7 @@ Upstream encodes a prefix video and decodes every generated chunk in overlapping
 (256x256 pixels, fps/2 frames, spatial overlap 0.25, no temporal overlap by default), so a
 720p chunk never needs more than one tile's activations. This module reproduces that
 exactly, including its rounding: encode on the host (numpy) around a per-tile device call,
-decode as one traced program per chunk (`decode_tiles_traced`, jitted in vae.py):
+decode as one traced program per chunk (`decode_tiles_traced`, jitted in vae_runtime.py):
 
   * tiles start every `stride` units and span `size` units (the last ones are shorter);
     a tile's output is blended with the previous tile along t, then h, then w over

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 from magi_jax.convert import IDENTITY, LINEAR, Rule, Transform
-from magi_jax.vae import CONFIG_NAME, TINY, WEIGHTS_NAME, Vae, VaeConfig, VaeModel
+from magi_jax.vae import CONFIG_NAME, TINY, WEIGHTS_NAME, VaeConfig, VaeModel
+from magi_jax.vae_runtime import Vae
 from magi_jax.vae_tiling import SCALE_FACTOR, TileConfig
 from magi_jax.weights import abstract_model, build_model, convert_torch, expected_leaves
 

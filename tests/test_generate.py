@@ -202,7 +202,7 @@ def test_unwritable_output_folder(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
-    from magi_jax import vae
+    from magi_jax import vae_runtime
 
     calls = []
 
@@ -210,7 +210,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
         calls.append(1)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vae.Vae, "decode_chunk", failing_decode)
+    monkeypatch.setattr(vae_runtime.Vae, "decode_chunk", failing_decode)
     with pytest.raises(KeyboardInterrupt):
         main(["--prompt", "p", "--output_path", str(tmp_path / "x.mp4"), *FAST])
     assert calls and list(tmp_path.iterdir()) == []

@@ -26,7 +26,8 @@ from flax import nnx
 from magi_jax.convert import ConversionError
 from magi_jax.safetensors_io import save_file
 from magi_jax.torch_weights import open_torch_weights
-from magi_jax.vae import RELEASED, TINY, Vae, VaeConfig, VaeConfigError, VaeModel
+from magi_jax.vae import RELEASED, TINY, VaeConfig, VaeConfigError, VaeModel
+from magi_jax.vae_runtime import Vae
 from magi_jax.vae_tiling import TileConfig, flattens_to_view, model_to_uint8, plan, run_tiles
 from magi_jax.vae_weights import build_vae, convert_vae, load_vae, random_vae, vae_rules
 
