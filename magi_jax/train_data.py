@@ -23,6 +23,13 @@ the data is a seeded permutation - so a resumed run sees exactly the batches it 
 Captions get the same special tokens (quality, duration per chunk) the sampler prepends at
 inference (special_tokens.caption_side), so a fine-tune learns the prompt format it will be
 used with.
+
+Prefixes (`ClipData(..., prefixes=True)`): each step's clips are cut to their first k
+chunks, k drawn per step from 1..R (seeded), with the captions a k-chunk video gets. The
+duration token counts the chunks left in the video, so on whole clips a short generation's
+first chunk would read the token of a late chunk of a long clip (a rolling ball that has
+already bounced back, say); a cut clip is exactly the k-chunk video the sampler makes, since
+attention is block-causal.
 """
 
 from __future__ import annotations
@@ -180,7 +187,7 @@ def write_dataset(items, out, config: MagiConfig, vae, text, total: int | None =
 class ClipData:
     """Batches of prepared clips: `batch(step, size)` -> objective.Clip of host arrays."""
 
-    def __init__(self, folder, config: MagiConfig, seed: int = 0):
+    def __init__(self, folder, config: MagiConfig, seed: int = 0, prefixes: bool = False):
         from magi_jax.special_tokens import token_table
 
         self.folder = Path(folder)
@@ -188,7 +195,7 @@ class ClipData:
             raise DataError(f"{folder} is not a prepared dataset (no {INDEX}); run python -m magi_jax.train_data")
         self.items = [json.loads(line) for line in (self.folder / INDEX).read_text().splitlines() if line.strip()]
         meta = json.loads((self.folder / META).read_text())
-        self.config, self.seed = config, seed
+        self.config, self.seed, self.prefixes = config, seed, prefixes
         m, rt = config.model, config.runtime
         c, t = meta["latent_shape"][:2]
         if c != m.latent_channels or meta["caption_channels"] != m.caption_channels:
@@ -218,17 +225,16 @@ class ClipData:
             out.append(int(self.order(g // n)[g % n]))
         return out
 
-    def clip(self, i: int):
-        """(latents (C, T, h, w), caption (R, L, Cc), mask (R, L)) float32 for item i."""
-        from magi_jax.special_tokens import caption_side
-
+    def _load(self, i: int):
+        """(latents, caption tokens (1, n, L, Cc), masks) of item i, cached; n is 1 (one caption
+        for every chunk) or R (one per chunk)."""
         if i not in self._cache:
-            m, rt = self.config.model, self.config.runtime
+            m = self.config.model
             with np.load(self.folder / self.items[i]["file"]) as z:
                 latents, tokens = z["latents"].astype(np.float32), z["caption"].astype(np.float32)
                 lengths = z["caption_lengths"] if "caption_lengths" in z else None
             length = m.caption_max_length
-            if lengths is None:  # one caption, repeated for every chunk by caption_side
+            if lengths is None:
                 pieces = [tokens]
             elif len(lengths) == self.chunks:
                 pieces = np.split(tokens, np.cumsum(lengths)[:-1])
@@ -242,19 +248,40 @@ class ClipData:
             for k, piece in enumerate(pieces):
                 n = min(len(piece), length)
                 emb[0, k, :n], mask[0, k, :n] = piece[:n], 1
-            mask = mask[:, 0] if lengths is None else mask
-            null = np.zeros((1, length, m.caption_channels), np.float32)  # no clean chunks: unused
-            cap, cmask = caption_side(emb, mask, null, self.chunks, 0, rt, self.table, max_len=length)
             if len(self._cache) >= CACHED_CLIPS:  # streamed: only the most recent clips stay in memory
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[i] = (latents, cap[0].astype(np.float32), cmask[0].astype(np.float32))
+            self._cache[i] = (latents, emb, mask, lengths is not None)
         return self._cache[i]
+
+    def clip(self, i: int, chunks: int | None = None):
+        """(latents (C, T, h, w), caption (R, L, Cc), mask (R, L)) float32 for item i, or for
+        its first `chunks` chunks as a video of that length."""
+        from magi_jax.special_tokens import caption_side
+
+        m, rt = self.config.model, self.config.runtime
+        k = chunks or self.chunks
+        latents, emb, mask, per_chunk = self._load(i)
+        if per_chunk:
+            emb, mask = emb[:, :k], mask[:, :k]
+        else:  # one caption, repeated for every chunk by caption_side
+            mask = mask[:, 0]
+        null = np.zeros((1, m.caption_max_length, m.caption_channels), np.float32)  # no clean chunks: unused
+        cap, cmask = caption_side(emb, mask, null, k, 0, rt, self.table, max_len=m.caption_max_length)
+        return latents[:, : k * rt.chunk_width], cap[0].astype(np.float32), cmask[0].astype(np.float32)
+
+    def chunks_at(self, step: int) -> int:
+        """Chunks of each clip of step `step`: all of them, or with `prefixes` a seeded 1..R."""
+        if not self.prefixes:
+            return self.chunks
+        # stream (seed + 7, step): apart from the epoch permutations' (seed, epoch)
+        return int(np.random.default_rng([self.seed + 7, step]).integers(1, self.chunks + 1))
 
     def batch(self, step: int, size: int):
         from magi_jax.objective import Clip
 
-        rows = [self.clip(i) for i in self.indices(step, size)]
-        return Clip(*(np.stack([r[k] for r in rows]) for k in range(3)))
+        k = self.chunks_at(step)
+        rows = [self.clip(i, k) for i in self.indices(step, size)]
+        return Clip(*(np.stack([r[j] for r in rows]) for j in range(3)))
 
 
 def main(argv=None) -> int:

@@ -62,7 +62,7 @@ class Recipe:
     vae_batch: int = 4
     vae_lr: float = 2e-3
     dit_clips: int = 2400
-    dit_steps: int = 4000
+    dit_steps: int = 5000
     dit_batch: int = 8
     dit_lr: float = 1e-3
 
@@ -147,7 +147,9 @@ def train_dit(config: MagiConfig, recipe: Recipe, out: Path, work: Path, log) ->
         config.model, fp8_quant=config.engine.fp8_quant, distill=config.engine.distill, rngs=nnx.Rngs(recipe.seed)
     )
     trainer = Trainer(model, config, tcfg)
-    data = ClipData(work / "data", config, seed=recipe.seed)
+    # clips cut to their first k chunks, so the duration token means at training what it
+    # means when the generate command makes a k-chunk video (train_data's module doc)
+    data = ClipData(work / "data", config, seed=recipe.seed, prefixes=True)
     losses = []
 
     def record(step, metrics):

@@ -82,6 +82,33 @@ def test_batches_are_deterministic_shuffled_epochs(prepared):
     np.testing.assert_array_equal(ClipData(out, CFG, seed=1).batch(4, 2).latents, data.batch(4, 2).latents)
 
 
+def test_prefix_batches_are_the_short_videos_the_sampler_makes(prepared):
+    """With prefixes, a step's clips are their first k chunks (k seeded per step, every k in
+    1..R drawn), captioned as a k-chunk video: the first chunk's duration token says k - 1
+    chunks follow, as it does when the generate command makes k chunks."""
+    from magi_jax.special_tokens import caption_side, token_table
+
+    out, _ = prepared
+    whole, cut = ClipData(out, CFG, seed=1), ClipData(out, CFG, seed=1, prefixes=True)
+    rt, width = CFG.runtime, CFG.runtime.chunk_width
+    ks = [cut.chunks_at(s) for s in range(40)]
+    assert set(ks) == set(range(1, whole.chunks + 1)) and ks == [cut.chunks_at(s) for s in range(40)]
+    step = next(s for s, k in enumerate(ks) if k == 2)
+    batch, full = cut.batch(step, 2), whole.batch(step, 2)
+    assert batch.latents.shape[2] == 2 * width and batch.caption.shape[1] == 2
+    np.testing.assert_array_equal(batch.latents, full.latents[:, :, : 2 * width])  # the same clips, cut
+    # the duration token in front differs from the whole clip's first chunk, and matches the
+    # caption the sampler builds for a 2-chunk video from the same tokens
+    assert not np.array_equal(batch.caption[0, 0, 0], full.caption[0, 0, 0])
+    np.testing.assert_array_equal(batch.caption[0, 0, 0], full.caption[0, 2, 0])  # 1 chunk left
+    np.testing.assert_array_equal(batch.caption[:, :, 1:], full.caption[:, :2, 1:])
+    m = CFG.model
+    latents, emb, mask, _ = cut._load(cut.indices(step, 2)[0])
+    null = np.zeros((1, m.caption_max_length, m.caption_channels), np.float32)
+    want, _ = caption_side(emb, mask[:, 0], null, 2, 0, rt, token_table(channels=m.caption_channels), m.caption_max_length)
+    np.testing.assert_array_equal(batch.caption[0], want[0])
+
+
 def test_dataset_for_another_model_is_refused(prepared):
     out, _ = prepared
     with pytest.raises(DataError, match="caption channels"):
