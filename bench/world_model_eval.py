@@ -7,9 +7,9 @@ Two reports on a bundle (the `t5/`, `vae/`, `dit/` folders world_model.py writes
 
 1. Prompts: the generate command at the variant's settings for the 6 prompts of
    tests/test_world_model.py and the 3 held-out (colour, direction) pairs, each seed;
-   `synthetic_world.describe` reads the decoded frames back. One line per seed (prompt ->
-   what the video shows) and the totals. One seed is a small sample: the test's seed 1 has
-   scored 4 of 6 for a model that gets 11 of 24 over four seeds.
+   `synthetic_world.describe` reads the decoded frames back (colour, and the ball's centroid
+   velocity fitted over the clip). One line per seed (prompt -> what the video shows) and
+   the totals: the test holds one seed, this scores as many as asked.
 2. Caption swap: rolling clips the model never trained on (indices from 50,000), their
    first chunk noised to flow time t = warp(u) as the sampler's first stages see it, scored
    (the objective's velocity error) under the true caption and under the same colour with

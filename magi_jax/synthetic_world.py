@@ -12,7 +12,7 @@ drawn, in any order, and drawn again.
 
 A few (colour, direction) pairs of rolling balls are held out of the training clips
 (`HELD_OUT`): prompts made of them test whether a model composes colour and motion.
-`describe` reads a clip back from its pixels (the dominant ball's colour and where it went),
+`describe` reads a clip back from its pixels (the dominant ball's colour and which way it moves),
 which is how generated videos are checked against their prompts.
 
     python -m magi_jax.synthetic_world --out clips/ --count 2000 [--size 64x64 --frames 32]
@@ -238,10 +238,13 @@ def rolling(seed: int, index: int, colour: str, heading, size=(64, 64), frames: 
 
 def describe(frames: np.ndarray, lead: int | None = None) -> tuple[str | None, str | None]:
     """(colour, direction) of the dominant ball in uint8 frames (T, H, W, 3), from pixels
-    alone: the palette colour most pixels are near, and the larger component of that colour's
-    centroid displacement over the first `lead` frames (default: the first third, before a
-    bounce turns it around). (None, None) when no palette colour shows."""
-    px = np.asarray(frames, np.float32)
+    alone: the palette colour most pixels are near, and the larger component of the velocity
+    of that colour's centroid, fitted by least squares over the frames it is seen in (the
+    first `lead` frames; default all). A fit over the clip, not two frames: a rolling ball in
+    the world's clips runs most of a clip one way before any bounce, so the fit reads every
+    clip as its caption (tests/test_synthetic_world.py), and one misplaced frame of a
+    generated video does not decide it. (None, None) when no palette colour shows."""
+    px = np.asarray(frames, np.float32)[: lead or None]
     palette = np.asarray([COLOURS[c] for c in COLOURS], np.float32)
     dist = np.linalg.norm(px[..., None, :] - palette, axis=-1)  # (T, H, W, colours)
     nearest = dist.argmin(-1)
@@ -251,14 +254,13 @@ def describe(frames: np.ndarray, lead: int | None = None) -> tuple[str | None, s
         return None, None
     k = int(counts.argmax())
     mask = close & (nearest == k)
-    lead = lead or max(2, len(px) // 3)
-    seen = [t for t in range(min(lead, len(px))) if mask[t].any()]
+    seen = np.asarray([t for t in range(len(px)) if mask[t].any()])
     if len(seen) < 2:
         return list(COLOURS)[k], None
     ys, xs = np.mgrid[0 : px.shape[1], 0 : px.shape[2]]
-    centre = [(xs[mask[t]].mean(), ys[mask[t]].mean()) for t in (seen[0], seen[-1])]
-    dx, dy = centre[1][0] - centre[0][0], centre[1][1] - centre[0][1]
-    if max(abs(dx), abs(dy)) < 1.0:
+    centres = np.asarray([(xs[mask[t]].mean(), ys[mask[t]].mean()) for t in seen])
+    dx, dy = np.polyfit(seen.astype(np.float64), centres, 1)[0]  # pixels per frame
+    if max(abs(dx), abs(dy)) < 1.0 / len(px):  # under a pixel over the whole clip
         return list(COLOURS)[k], None
     if abs(dx) >= abs(dy):
         return list(COLOURS)[k], "right" if dx > 0 else "left"

@@ -369,6 +369,11 @@ def parse_args(argv=None):
     ap.add_argument("--caption_dropout", type=float, default=0.1)
     ap.add_argument("--clean_context_prob", type=float, default=0.3)
     ap.add_argument("--shortcut", action="store_true", help="shortcut-distillation loss (distilled models)")
+    ap.add_argument(
+        "--prefixes",
+        action="store_true",
+        help="cut each step's clips to their first k chunks (k drawn per step), captioned as k-chunk videos",
+    )
     ap.add_argument("--lora_rank", type=int, default=16, help="0: full fine-tune")
     ap.add_argument("--lora_alpha", type=float, default=None, help="default: the rank")
     ap.add_argument("--lora_targets", default="attn,cross,mlp")
@@ -408,7 +413,7 @@ def main(argv=None) -> int:
             lora=lcfg,
         )
         tcfg.check(config)
-        data = ClipData(args.data, config, seed=args.seed)
+        data = ClipData(args.data, config, seed=args.seed, prefixes=args.prefixes)
         mesh = None
         if args.mesh:
             sizes = sharding.parse_mesh(args.mesh)

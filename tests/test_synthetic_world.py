@@ -21,6 +21,7 @@ def test_a_rolling_ball_is_seen_in_the_colour_and_direction_its_caption_names(in
     c = world.clip(1, index, scene="roll", include_held_out=True)
     colour, direction = world.describe(c.frames)
     assert (colour, direction) == (c.colours[0], c.direction)
+    assert world.describe(c.frames[:16]) == (colour, direction)  # the tests' 16-frame videos
     assert c.caption.startswith(f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} ball")
     assert direction in c.caption
     # "bounces" is said when the ball is seen coming back, and only then
@@ -32,6 +33,20 @@ def test_a_rolling_ball_is_seen_in_the_colour_and_direction_its_caption_names(in
         assert np.sign(track[f + 2] - track[f + 1]) == -first_step
     else:  # no wall before the last two frames: one way all along
         assert (np.sign(np.diff(track[:-1])) == first_step).all()
+
+
+def test_the_reader_fits_the_motion_over_the_clip():
+    """Direction is the fitted velocity of the ball's centroid: a clip whose first frame shows
+    the ball somewhere else (as a generated video's first latent frame can) still reads as
+    the way it moves; a ball that stays put has no direction; no ball, no colour."""
+    c = world.clip(2, 0, scene="roll", include_held_out=True)
+    misplaced = c.frames[:16].copy()
+    ahead = -24 if c.direction in ("left", "up") else 24  # 24 pixels along the way it goes
+    misplaced[0] = np.roll(misplaced[0], ahead, axis=1 if c.direction in ("left", "right") else 0)
+    assert world.describe(misplaced[:5], lead=5)[1] != c.direction  # two frames would read it backwards
+    assert world.describe(misplaced) == (c.colours[0], c.direction)
+    assert world.describe(np.repeat(c.frames[:1], 16, axis=0)) == (c.colours[0], None)
+    assert world.describe(np.zeros_like(c.frames[:4])) == (None, None)
 
 
 def test_a_falling_ball_speeds_up_then_bounces_on_the_floor():

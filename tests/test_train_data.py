@@ -105,7 +105,9 @@ def test_prefix_batches_are_the_short_videos_the_sampler_makes(prepared):
     m = CFG.model
     latents, emb, mask, _ = cut._load(cut.indices(step, 2)[0])
     null = np.zeros((1, m.caption_max_length, m.caption_channels), np.float32)
-    want, _ = caption_side(emb, mask[:, 0], null, 2, 0, rt, token_table(channels=m.caption_channels), m.caption_max_length)
+    want, _ = caption_side(
+        emb, mask[:, 0], null, 2, 0, rt, token_table(channels=m.caption_channels), m.caption_max_length
+    )
     np.testing.assert_array_equal(batch.caption[0], want[0])
 
 

@@ -2,12 +2,12 @@
 
 The generate command with no weights runs the model world_model.py trained on the procedural
 ball world. Each clip is decoded from the written mp4 and read back with
-synthetic_world.describe (the dominant ball's colour and the direction it moves first).
-What the bundled weights achieve here (seed 1, the 16 frames generated below): the colour
-of 6 of 6 prompts and of 2 of 3 held-out (colour, direction) pairs; colour and direction
-of 3 of 6 and 1 of 3. The colour is asserted; the direction is printed, not asserted:
-issue 16 asks for 5 of 6 on both, which these weights do not reach (bench/world_model_eval.py
-scores more seeds and shows why).
+synthetic_world.describe (the dominant ball's colour, and the way its centroid moves, fitted
+over the clip). Issue 16's bar: colour and direction right on at least 5 of 6 prompts that
+differ in both, at seed 1 and the 16 frames generated below. The held-out (colour, direction)
+pairs, which no training clip shows, are scored and printed; only their colour is held.
+I2V from a still frame and V2V from a generated clip continue the motion.
+bench/world_model_eval.py scores more seeds.
 """
 
 from pathlib import Path
@@ -58,28 +58,30 @@ def test_the_prompts_colour_is_what_the_video_shows(clips):
     print(f"\ncolour: {len(colours)}/{len(read)}; colour and direction: {len(both)}/{len(read)}")
     for p, got in read.items():
         print(f"  {_prompt(*p)!r}: the video shows {got}{'  (held out)' if p in held else ''}")
-    assert sum(read[p][0] == p[0] for p in PROMPTS) >= 5, read
+    assert sum(read[p] == p for p in PROMPTS) >= 5, read
     assert sum(read[p][0] == p[0] for p in held) >= 2, read  # colours of pairs it never saw
 
 
 @pytest.mark.slow
-def test_i2v_and_v2v_keep_the_ball(clips):
-    """A still frame of a rolling ball, animated, keeps that ball's colour; a generated clip,
-    continued, keeps its ball."""
+def test_i2v_and_v2v_continue_the_motion(clips):
+    """A still frame of a rolling ball, animated with its caption, rolls that ball the way the
+    caption says; a generated clip, continued, keeps its ball moving the way it was."""
     tmp, _, _ = clips
     rolling = synthetic_world.clip(7, 0, scene="roll")
     image = tmp / "still.png"
     iio.imwrite(image, rolling.frames[0])
     want = (rolling.colours[0], rolling.direction)
     i2v = _generate(tmp, "i2v", "--mode", "i2v", "--image_path", str(image), "--prompt", _prompt(*want))
-    assert synthetic_world.describe(i2v)[0] == want[0]
+    assert synthetic_world.describe(i2v) == want
 
     source = tmp / "blue_left.mp4"
+    shown = synthetic_world.describe(_frames(source))
+    assert shown[0] == "blue" and shown[1] is not None
     v2v = _generate(
         tmp, "v2v", "--mode", "v2v", "--prefix_video_path", str(source), "--prefix_frames", "8",
-        "--prompt", _prompt("blue", "left"),
+        "--prompt", _prompt(*shown),
     )  # fmt: skip
-    assert synthetic_world.describe(v2v[-16:])[0] == "blue"
+    assert synthetic_world.describe(v2v[-16:]) == shown
 
 
 @pytest.mark.slow

@@ -66,10 +66,12 @@ def sampling_captions(config: MagiConfig, model, seed: int):
 
 
 # The tiny variant's geometry (patch, latent channels, latent grid: what its VAE and sampler
-# lay out) at the width it had before it became the bundled model. Tests of training,
-# sampling and sharding mechanics need no capacity; at this width they run at about an
-# eighth of the bundled DiT's FLOPs.
-MECHANICS = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, kv_channels=16)
+# lay out) at a width far below the bundled model's (configs/tiny.json: 4 layers of 256).
+# Tests of training, sampling and sharding mechanics need no capacity; at this width they
+# run at about a thirtieth of the bundled DiT's FLOPs.
+MECHANICS = dict(
+    num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2, kv_channels=16
+)
 
 
 def mechanics_config(model=None, **sections) -> MagiConfig:
