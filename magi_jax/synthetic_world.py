@@ -236,15 +236,15 @@ def rolling(seed: int, index: int, colour: str, heading, size=(64, 64), frames: 
 # ----------------------------------------------------------------------------- reading clips back
 
 
-def describe(frames: np.ndarray, lead: int | None = None) -> tuple[str | None, str | None]:
+def describe(frames: np.ndarray) -> tuple[str | None, str | None]:
     """(colour, direction) of the dominant ball in uint8 frames (T, H, W, 3), from pixels
     alone: the palette colour most pixels are near, and the larger component of the velocity
-    of that colour's centroid, fitted by least squares over the frames it is seen in (the
-    first `lead` frames; default all). A fit over the clip, not two frames: a rolling ball in
-    the world's clips runs most of a clip one way before any bounce, so the fit reads every
-    clip as its caption (tests/test_synthetic_world.py), and one misplaced frame of a
-    generated video does not decide it. (None, None) when no palette colour shows."""
-    px = np.asarray(frames, np.float32)[: lead or None]
+    of that colour's centroid, fitted by least squares over the frames it is seen in. A fit
+    over the clip, not two frames: a rolling ball in the world's clips runs most of a clip one
+    way before any bounce, so the fit reads every clip as its caption
+    (tests/test_synthetic_world.py), and one misplaced frame of a generated video does not
+    decide it. (None, None) when no palette colour shows."""
+    px = np.asarray(frames, np.float32)
     palette = np.asarray([COLOURS[c] for c in COLOURS], np.float32)
     dist = np.linalg.norm(px[..., None, :] - palette, axis=-1)  # (T, H, W, colours)
     nearest = dist.argmin(-1)

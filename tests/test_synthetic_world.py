@@ -43,7 +43,7 @@ def test_the_reader_fits_the_motion_over_the_clip():
     misplaced = c.frames[:16].copy()
     ahead = -24 if c.direction in ("left", "up") else 24  # 24 pixels along the way it goes
     misplaced[0] = np.roll(misplaced[0], ahead, axis=1 if c.direction in ("left", "right") else 0)
-    assert world.describe(misplaced[:5], lead=5)[1] != c.direction  # five frames alone read it backwards
+    assert world.describe(misplaced[:5])[1] != c.direction  # five frames alone read it backwards
     assert world.describe(misplaced) == (c.colours[0], c.direction)
     assert world.describe(np.repeat(c.frames[:1], 16, axis=0)) == (c.colours[0], None)
     assert world.describe(np.zeros_like(c.frames[:4])) == (None, None)
