@@ -6,6 +6,7 @@ import functools
 
 import ml_dtypes
 import numpy as np
+import parity
 
 from magi_jax.config import from_dict
 from magi_jax.dit_weights import build_dit, convert_dit
@@ -85,3 +86,19 @@ def call_inputs(fx, call):
         k[:, :n], v[:, :n] = before[..., : width // 2], before[..., width // 2 :]
     cache = KVCache(k.astype(dtype), v.astype(dtype))
     return cfg, args, cache, a
+
+
+def check_call(fx, call, out, cache, ref):
+    """Hold one replayed call to the fixture: the velocity, the cache rows it wrote (each at
+    its per-array tolerance), and no row written past `kv_write_end` (those keep their NaN).
+    Raises AssertionError naming the first array out of tolerance."""
+    tol = fx.meta["tolerance"]
+    key = f"calls/{call['name']}"
+    parity.check_array(out, ref["out"][0], tol[f"{key}/out"], f"{fx.id}/{call['name']} out")
+    lo, hi = call["kv_read_rows"], call["kv_write_end"]
+    k, v = np.asarray(cache.k.astype(np.float32)), np.asarray(cache.v.astype(np.float32))
+    if hi > lo:
+        written = np.concatenate([k[:, lo:hi], v[:, lo:hi]], axis=-1)
+        what = f"{fx.id}/{call['name']} kv_cache_written"
+        parity.check_array(written, ref["kv_cache_written"], tol[f"{key}/kv_cache_written"], what)
+    assert np.isnan(k[:, hi:]).all() and np.isnan(v[:, hi:]).all(), "cache rows written past kv_write_end"

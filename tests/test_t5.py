@@ -143,7 +143,8 @@ def test_weights_go_straight_to_where_the_encoder_runs(fx, placement):
     from magi_jax import sharding
     from magi_jax.t5 import encoder_mesh, t5_shardings
 
-    where = sharding.make_mesh({"seq": 2}, jax.devices()[:2]) if placement == "mesh" else jax.devices("cpu")[0]
+    host = jax.devices("cpu")  # the session's 8 host devices, also beside a single GPU
+    where = sharding.make_mesh({"seq": 2}, host[:2]) if placement == "mesh" else host[0]
     enc = load_text_encoder(fx.folder, DTYPES[fx.meta["config"]["weights_dtype"]], where)
     want = t5_shardings(enc._state, where)
     flat = nnx.to_flat_state(enc._state)
