@@ -1,9 +1,14 @@
-"""Shared helpers of the benchmarks: device naming, a reference matmul, timing, peak memory."""
+"""Shared helpers of the benchmarks: device naming, a reference matmul, timing, peak memory,
+where a program's time goes."""
 
 from __future__ import annotations
 
+import collections
+import gzip
+import json
 import resource
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -45,3 +50,50 @@ def peak_memory_bytes() -> int:
 
 def fmt_bytes(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def time_by_op(fn, *args, folder: str, top: int = 12) -> list[str]:
+    """Runs `fn(*args)` once under JAX's profiler (trace kept in `folder`) and returns lines of
+    where the device time went: each kernel (accelerators) or XLA op (CPU) by total time,
+    with its share of the busy time and its HLO op. Call it after `fn` has compiled."""
+    jax.block_until_ready(fn(*args))
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        wall = time.perf_counter() - t0
+    newest = max(Path(folder).glob("plugins/profile/*/*.trace.json.gz"), key=lambda f: f.stat().st_mtime)
+    trace = json.loads(gzip.decompress(newest.read_bytes()))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    meta = [e for e in events if e.get("ph") == "M"]
+    device = {e["pid"] for e in meta if e["name"] == "process_name" and e["args"]["name"].startswith("/device:")}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e["name"] == "thread_name"}
+    # a GPU's kernels are on its stream lines (its "XLA Ops" and "XLA Modules" lines span the
+    # same time again), a TPU's on "XLA Ops"; on CPU, XLA's own threads
+    on_device = [t for t, name in threads.items() if t[0] in device]
+    kernels = (
+        {t for t in on_device if threads[t].startswith("Stream")}
+        or {t for t in on_device if threads[t] == "XLA Ops"}
+        or {t for t in on_device if threads[t] not in ("XLA Modules", "Steps")}
+    )
+    if not device:
+        kernels = {t for t, name in threads.items() if name.startswith("tf_XLA")}
+
+    def counted(e):  # without XLA:CPU's executor spans, and loops and branches that hold other ops' spans
+        skip = ("end: ", "ThunkExecutor", "while", "cond")
+        return e.get("ph") == "X" and (e["pid"], e.get("tid")) in kernels and not e["name"].startswith(skip)
+
+    total, example = collections.Counter(), {}
+    for e in filter(counted, events):
+        total[e["name"]] += e["dur"]
+        op = (e.get("args") or {}).get("hlo_op", "")
+        example.setdefault(e["name"], op if op != e["name"] else "")
+    busy = sum(total.values())
+    where = sorted({threads[t] for t in kernels})
+    lines = [
+        f"profile: {busy / 1e3:.1f} ms in kernels / ops, {wall * 1e3:.1f} ms wall (trace in {folder})",
+        f"  counted lines: {', '.join(where[:4])}{' ...' if len(where) > 4 else ''}",
+    ]
+    for name, us in total.most_common(top):
+        op = f"  [{example[name]}]" if example[name] else ""
+        lines.append(f"  {us / 1e3:9.2f} ms {us / max(busy, 1):6.1%}  {name[:90]}{op}")
+    return lines

@@ -5,7 +5,8 @@
 
 Prints the device, the pass's FLOPs (computed from the config), the achieved FLOP/s, the
 FLOP/s of a large matmul in the same dtype measured in the same run, their ratio (MFU
-against what this device really does), and peak memory. Weights are random.
+against what this device really does), and peak memory. Weights are random. With --profile,
+one more run under JAX's profiler prints where its time went, kernel by kernel.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import device_name, fmt_bytes, matmul_flops, peak_memory_bytes, timeit  # noqa: E402
+from common import device_name, fmt_bytes, matmul_flops, peak_memory_bytes, time_by_op, timeit  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from magi_jax.config import load_config  # noqa: E402
@@ -39,6 +40,7 @@ def main():
     ap.add_argument("--cached", type=int, default=1, help="clean chunks in the KV cache before the window")
     ap.add_argument("--dtype", default=None, help="params dtype (default: config)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs after the warm-up (best is kept)")
+    ap.add_argument("--profile", metavar="DIR", help="then one profiled run: time by kernel / op, trace kept in DIR")
     args = ap.parse_args()
 
     cfg = load_config(args.config)
@@ -93,6 +95,8 @@ def main():
     print(f"matmul {m.params_dtype:9s} {ref / 1e12:.3f} TFLOP/s (same device, same run)")
     print(f"ratio            {flops / seconds / ref:.3f}")
     print(f"peak memory      {fmt_bytes(peak_memory_bytes())}")
+    if args.profile:
+        print("\n".join(time_by_op(forward, state, cache, folder=args.profile)))
 
 
 if __name__ == "__main__":
