@@ -16,7 +16,10 @@
 #   bash bench/gpu_check.sh                 # from the project root
 #   LOGS=$OUT bash bench/gpu_check.sh       # logs where the caller collects them
 #
-# Packages the machine lacks can travel as wheels in ./.whl (installed to /tmp/site first).
+# Packages the machine lacks can travel as wheels in ./.whl (installed to /tmp/site first). The
+# lent H200 of 2026-12-04 (python 3.12, jax 0.11.2) lacked five, fetched beforehand with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_17_x86_64 -d .whl zstandard ftfy wcwidth beautifulsoup4 soupsieve
 set -u
 cd "$(dirname "$0")/.."
 LOGS=${LOGS:-gpu-logs}
@@ -57,5 +60,5 @@ tests() {  # NAME LIMIT WORKERS FILES...: the parity tests compiled as a generat
 # print; then the whole sampler runs (2026-12-04: none of 13 finished in 210 s beside the rest)
 tests parity_tests "${PARITY_LIMIT:-120}" 8 tests/test_fp8_linear.py tests/test_attention.py tests/test_vae.py \
     tests/test_t5.py tests/test_special_tokens.py tests/test_schedule.py tests/test_released_variants.py
-tests sampler_parity "${SAMPLER_LIMIT:-200}" 4 tests/test_sampler_parity.py
+tests sampler_parity "${SAMPLER_LIMIT:-300}" 8 tests/test_sampler_parity.py
 exit $status
