@@ -422,18 +422,27 @@ def check(
     unknown = set(programs) - set(CHOICES)
     if unknown:
         raise AotError(f"unknown program(s) {', '.join(sorted(unknown))}; choose from {', '.join(CHOICES)}")
-    mesh, hbm = slice_mesh(slice_name, mesh_text)
-    devices = list(mesh.devices.flat)
-    mesh_label = ",".join(f"{a}={n}" for a, n in mesh.shape.items() if n > 1) or "one device"
+    from magi_jax import sharding
+    from magi_jax.memory_plan import MemoryPlanError, choose_mesh, plan_memory
+
     if isinstance(config_name, str):
         config = released_config(config_name, size, frames)
     else:  # a MagiConfig, used as it is
         config, config_name = config_name, label or "config"
+    devices, hbm = topology(slice_name)
     impl = impl or ("pallas" if devices[0].platform == "tpu" else None)
     if impl is None:
         from magi_jax import attention
 
         impl = attention.implementation(config.model.dtype)
+    if mesh_text == "auto":  # as generate --mesh auto chooses it, for this slice's chips
+        try:
+            sizes, _ = choose_mesh(config, len(devices), 0, hbm, HEADROOM, impl, devices[0].platform)
+        except MemoryPlanError as e:
+            raise AotError(f"{config_name} on {slice_name}: {e}") from None
+        mesh_text = sharding.describe_mesh(sizes) if len(devices) > 1 else None
+    mesh, hbm = slice_mesh(slice_name, mesh_text)
+    mesh_label = sharding.describe_mesh(dict(mesh.shape))
     rt = config.runtime
     print(
         f"# {config_name} {rt.video_size_h}x{rt.video_size_w}, {rt.num_frames} frames on {slice_name} "
@@ -455,8 +464,6 @@ def check(
     if "t5_encode" in programs:
         todo.append(t5_program(config, mesh))
     records = []
-    from magi_jax.memory_plan import plan_memory
-
     for p in todo:
         planned = None
         if p.window is not None:  # the plan of the run's steps of this window
@@ -502,7 +509,11 @@ def main(argv=None) -> int:
         action="append",
         help=f"a slice ({', '.join(TOPOLOGIES)}), a topology like v5e:2x4, or host (this machine); repeatable",
     )
-    ap.add_argument("--mesh", help="mesh axes, e.g. model=2,seq=4 (default: every device on seq)")
+    ap.add_argument(
+        "--mesh",
+        help="mesh axes, e.g. model=2,seq=4, or auto: per config and slice, the mesh with the fewest devices on "
+        "model whose memory plan fits the chip (default: every device on seq)",
+    )
     ap.add_argument(
         "--programs",
         default=",".join(PROGRAMS),

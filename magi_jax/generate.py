@@ -94,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ours.add_argument(
         "--mesh",
         default=None,
-        help="device mesh: 'model=2,seq=4' or '2x4' (model x seq); default: all devices on the sequence axis",
+        help="device mesh: 'model=2,seq=4' or '2x4' (model x seq), or 'auto': the mesh with the fewest devices on "
+        "model whose memory plan fits; default: all devices on the sequence axis",
     )
     add_run_flags(ap)  # compilation cache, timing summary, profile
     return ap.parse_args(argv)
@@ -217,9 +218,10 @@ def resolve(args: argparse.Namespace) -> Plan:
     import jax
 
     from magi_jax import sharding
-    from magi_jax.memory_plan import check_fits, plan_memory
+    from magi_jax.memory_plan import check_fits, choose_mesh, plan_memory
 
-    mesh = sharding.parse_mesh(args.mesh) if (args.mesh or jax.device_count() > 1) else None
+    auto = args.mesh == "auto"  # resolved below, once the prefix's length is known
+    mesh = sharding.parse_mesh(args.mesh) if not auto and (args.mesh or jax.device_count() > 1) else None
     # media are read (and resized) now: an unreadable file fails before any model loads
     image = video = None
     if args.mode == "i2v":
@@ -234,7 +236,13 @@ def resolve(args: argparse.Namespace) -> Plan:
             raise UsageError(f"--prefix_video_path has fewer than {tdf} frames at {rt.fps} fps; use a longer video")
         layout(config, 1 if len(video) == 1 else len(video) // tdf)
     prefix = 1 if image is not None else 0 if video is None else (1 if len(video) == 1 else len(video) // tdf)
-    check_fits(plan_memory(config, mesh, prefix))  # refuse, with the numbers, what cannot fit a device
+    if auto and jax.device_count() > 1:
+        mesh, plan = choose_mesh(config, jax.device_count(), prefix)
+        if sharding.is_writer():  # every host of a pod chooses the same mesh; one says so
+            print(f"--mesh auto: {sharding.describe_mesh(mesh)} ({plan.describe()})", file=sys.stderr)
+    else:
+        plan = plan_memory(config, mesh, prefix)
+    check_fits(plan)  # refuse, with the numbers, what cannot fit a device
     dit_source = None if random_weights else _dit_source(config)  # weights must exist
     if not random_weights:  # a bucket holds converted checkpoints only: say so before anything loads
         from magi_jax.pipeline import weights_source

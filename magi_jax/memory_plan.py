@@ -207,6 +207,35 @@ def plan_memory(
     return MemoryPlan(params, cache, largest + inputs, sizes)
 
 
+def choose_mesh(
+    config: MagiConfig,
+    devices: int,
+    prefix_frames: int = 0,
+    capacity: int | None = None,
+    headroom: float = 0.9,
+    impl: str | None = None,
+    platform: str | None = None,
+) -> tuple[dict[str, int], MemoryPlan]:
+    """`--mesh auto`: of the model x seq meshes over `devices`, the one with the fewest devices
+    on `model` whose plan fits headroom x capacity (default: this device's memory), and its
+    plan. Sequence parallelism is preferred: it splits the activations and the KV cache and
+    moves only keys and values between devices, where `model` splits the weights and moves
+    every layer's activations; `model` is added only as far as memory needs. Raises
+    MemoryPlanError with every mesh's plan when none fits."""
+    capacity = device_capacity() if capacity is None else capacity
+    m = config.model
+    tried = []
+    for sizes in sharding.mesh_candidates(devices, (m.num_attention_heads, m.num_query_groups)):
+        plan = plan_memory(config, sizes, prefix_frames, impl, platform=platform)
+        if capacity is None or plan.total <= headroom * capacity:
+            return sizes, plan
+        tried.append(f"{sharding.describe_mesh(sizes)} {gib(plan.total)}")
+    raise MemoryPlanError(
+        f"no mesh of {devices} devices fits {gib(capacity)} per device (at most {headroom:.0%} of it is used): "
+        f"{'; '.join(tried)}; use more devices, a smaller --size or fewer --num_frames, or the fp8 / distilled variant"
+    )
+
+
 def device_capacity(device=None) -> int | None:
     """Bytes the device can hold: the accelerator's limit, or the host's memory for CPU."""
     device = device or jax.local_devices()[0]  # on a pod only this host's devices answer
@@ -228,7 +257,8 @@ def check_fits(plan: MemoryPlan, capacity: int | None = None, headroom: float = 
         return
     raise MemoryPlanError(
         f"this run needs about {plan.describe()}, but a device holds {gib(capacity)}; use more devices "
-        f"(--mesh), a smaller --size or fewer --num_frames, or the fp8 / distilled variant"
+        f"(--mesh; --mesh auto picks one that fits), a smaller --size or fewer --num_frames, or the fp8 / "
+        f"distilled variant"
     )
 
 

@@ -68,7 +68,8 @@ def parse_mesh(text: str | None, devices: int | None = None) -> dict[str, int]:
     """'model=2,seq=4' (missing axes are 1) or 'MxS' (model x seq) -> {axis: size}.
 
     With no text, all devices go to the sequence axis (context parallelism needs no
-    divisibility of weights and scales with video length)."""
+    divisibility of weights and scales with video length). 'auto' is resolved by the caller,
+    which knows the run (memory_plan.choose_mesh)."""
     devices = devices or jax.device_count()
     sizes = dict.fromkeys(MESH_AXES, 1)
     if not text:
@@ -91,6 +92,22 @@ def parse_mesh(text: str | None, devices: int | None = None) -> dict[str, int]:
     if int(np.prod(list(sizes.values()))) != devices:
         raise MeshError(f"mesh {text!r} needs {int(np.prod(list(sizes.values())))} devices, {devices} are present")
     return sizes
+
+
+def mesh_candidates(devices: int, divides: tuple[int, ...] = ()) -> list[dict[str, int]]:
+    """Every model x seq mesh over `devices`, fewest devices on `model` first (the all-`seq`
+    default leads); `model` sizes that do not divide each of `divides` (head counts) are left
+    out, since the rules table would replicate those weights rather than split them."""
+    out = []
+    for m in range(1, devices + 1):
+        if devices % m == 0 and all(n % m == 0 for n in divides):
+            out.append({**dict.fromkeys(MESH_AXES, 1), "model": m, "seq": devices // m})
+    return out
+
+
+def describe_mesh(sizes: dict[str, int]) -> str:
+    """{axis: size} as --mesh takes it ('model=2,seq=4'; 'one device' when nothing splits)."""
+    return ",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "one device"
 
 
 def make_mesh(sizes: dict[str, int], devices=None) -> jax.sharding.Mesh:

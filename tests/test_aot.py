@@ -61,7 +61,7 @@ def test_sharding_lowers_per_device_bytes(host_records):
 def test_command_writes_one_record_per_program(tmp_path, capsys):
     out = tmp_path / "aot.json"
     code = aot.main(
-        ["--config", "tiny", "--topology", "host", "--mesh", "seq=8", "--programs", "vae_decode,t5_encode"]
+        ["--config", "tiny", "--topology", "host", "--mesh", "auto", "--programs", "vae_decode,t5_encode"]
         + ["--size", "32x32", "--num_frames", "16", "--json", str(out)]
     )
     assert code == 0
@@ -80,9 +80,9 @@ def test_command_writes_one_record_per_program(tmp_path, capsys):
             "flops",
         ):
             assert field in r
-        assert r["config"] == "tiny" and r["mesh"] == "seq=8"
+        assert r["config"] == "tiny" and r["mesh"] == "seq=8"  # auto: the host's memory holds all on `seq`
     printed = capsys.readouterr().out
-    assert "vae_decode" in printed and "t5_encode" in printed and "GiB" in printed
+    assert "vae_decode" in printed and "t5_encode" in printed and "GiB" in printed and "mesh seq=8" in printed
 
 
 @pytest.mark.parametrize(

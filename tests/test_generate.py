@@ -78,6 +78,13 @@ def test_random_weights_say_so(tmp_path, capsys):
     assert "--random_weights runs the tiny variant" in capsys.readouterr().err
 
 
+def test_auto_mesh_is_the_one_the_memory_plan_fits(tmp_path, capsys):
+    # the host's memory holds TINY on every mesh: all 8 devices stay on `seq`, as by default
+    out = tmp_path / "x.mp4"
+    assert main(["--random_weights", "--mesh", "auto", "--prompt", "p", "--output_path", str(out), *FAST]) == 0
+    assert "--mesh auto: seq=8 (parameters " in capsys.readouterr().err and out.exists()
+
+
 @pytest.mark.slow
 def test_i2v(tmp_path, media):
     out = tmp_path / "cat.mp4"

@@ -4,10 +4,11 @@ and refusing runs that cannot fit."""
 
 import pytest
 
+from magi_jax import sharding
 from magi_jax.aot import compiled_step_memory
 from magi_jax.attention import available_implementations
 from magi_jax.config import load_config
-from magi_jax.memory_plan import MemoryPlanError, check_fits, plan_memory
+from magi_jax.memory_plan import MemoryPlanError, check_fits, choose_mesh, plan_memory
 
 MID = dict(num_layers=2, hidden_size=1024, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=4096)
 CONFIGS = {
@@ -45,6 +46,27 @@ def test_check_fits_refuses_with_the_numbers():
     with pytest.raises(MemoryPlanError, match=r"needs about parameters .* GiB .* a device holds 80.00 GiB"):
         check_fits(plan, capacity=80 * 2**30)
     check_fits(plan_memory(load_config("tiny")), capacity=2**30)
+
+
+def test_auto_mesh_adds_model_devices_only_as_memory_needs():
+    """--mesh auto: all devices on `seq` while that fits; else the fewest on `model` that fit
+    (a model split that does not divide the head counts is never offered); none: the numbers."""
+    assert [m["model"] for m in sharding.mesh_candidates(8, (24, 8))] == [1, 2, 4, 8]
+    assert [m["model"] for m in sharding.mesh_candidates(8, (6, 2))] == [1, 2]
+    cfg = load_config("4.5B_distill")  # at its released 720x720 on a slice of 8 chips
+    plans = [plan_memory(cfg, m, 0, "pallas", platform="tpu").total for m in sharding.mesh_candidates(8, (24, 8))]
+    assert plans[0] > plans[1] > plans[2] and plans[3] > plans[2]  # model=8 has no `seq` left to split activations
+
+    def auto(capacity):
+        sizes, plan = choose_mesh(cfg, 8, 0, capacity, 0.9, "pallas", "tpu")
+        return sharding.describe_mesh(sizes), plan.total
+
+    assert auto(plans[0] / 0.9 + 1) == ("seq=8", plans[0])
+    assert auto(plans[0] / 0.9 - 1) == ("model=2,seq=4", plans[1])
+    assert auto(plans[2] / 0.9) == ("model=4,seq=2", plans[2])
+    assert auto(plans[3] / 0.9) == ("model=4,seq=2", plans[2]), "the fewest on `model` that fit, not the smallest"
+    with pytest.raises(MemoryPlanError, match=r"no mesh of 8 devices fits 1.00 GiB .*seq=8 .*GiB; .*model=8 .*GiB"):
+        auto(2**30)
 
 
 # training: float32 models (CPU XLA upcasts bf16 matmuls and hoists float32 copies of the
