@@ -9,7 +9,8 @@ divides each part by the mesh axes its dimensions are split over, following
 sharding.RULES, so the plan for a mesh is the plan of one device of it.
 
 `check_fits` compares the plan with the device's memory and refuses with the numbers when
-it does not fit, so a run that cannot work stops before loading 24B parameters.
+it does not fit, so a run that cannot work stops before loading 24B parameters; `choose_mesh`
+(`--mesh auto`) picks the mesh whose plan fits.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class MemoryPlan:
     def describe(self) -> str:
         return (
             f"parameters {gib(self.params)} + KV cache {gib(self.kv_cache)} + activations {gib(self.activations)} "
-            f"= {gib(self.total)} per device (mesh {self.mesh})"
+            f"= {gib(self.total)} per device (mesh {sharding.describe_mesh(self.mesh)})"
         )
 
 
@@ -281,7 +282,7 @@ class TrainMemoryPlan:
     def describe(self) -> str:
         return (
             f"parameters {gib(self.params)} + optimizer {gib(self.trainable)} + activations {gib(self.activations)} "
-            f"= {gib(self.total)} per device (mesh {self.mesh})"
+            f"= {gib(self.total)} per device (mesh {sharding.describe_mesh(self.mesh)})"
         )
 
 
