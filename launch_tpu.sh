@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run magi-jax on every worker of a TPU VM slice: one program, one device mesh over all chips.
 #   ./launch_tpu.sh [--dry-run] <tpu-name> <zone> <config> [generate flags...]
-#   ./launch_tpu.sh magi-v5p us-east5-a 24B_distill --prompt "A red fox" --output_path fox.mp4
+#   ./launch_tpu.sh magi-v5p us-east5-a 24B_distill --mesh auto --prompt "A red fox" --output_path fox.mp4
 #
 # Every run leaves each worker in the same state, however many times it is repeated:
 #   ~/magi-jax        this checkout's files, replaced whole (no .git, .venv, outputs or caches)
