@@ -40,6 +40,28 @@ def matmul_flops(dtype, n: int | None = None) -> float:
     return 2 * n**3 / timeit(f, a, a)
 
 
+# Dense bf16 matmul FLOP/s by the vendors' datasheets (no sparsity), by a substring of the
+# device kind, most specific first: the "peak" an MFU is usually stated against. The matmul
+# measured in the same run is what a device really does; both are printed.
+DATASHEET_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+)
+
+
+def datasheet_bf16_flops() -> float | None:
+    """The datasheet's dense bf16 FLOP/s of this device, where DATASHEET_BF16 knows its kind."""
+    kind = getattr(jax.devices()[0], "device_kind", "")
+    return next((flops for name, flops in DATASHEET_BF16 if name in kind), None)
+
+
 def peak_memory_bytes() -> int:
     """Peak device memory where the backend reports it, else the process's peak RSS."""
     stats = jax.devices()[0].memory_stats() or {}

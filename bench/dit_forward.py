@@ -21,7 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import device_name, fmt_bytes, matmul_flops, peak_memory_bytes, time_by_op, timeit  # noqa: E402
+from common import (  # noqa: E402
+    datasheet_bf16_flops,
+    device_name,
+    fmt_bytes,
+    matmul_flops,
+    peak_memory_bytes,
+    time_by_op,
+    timeit,
+)
 from flax import nnx  # noqa: E402
 
 from magi_jax.config import load_config  # noqa: E402
@@ -94,6 +102,11 @@ def main():
     print(f"achieved         {flops / seconds / 1e12:.3f} TFLOP/s")
     print(f"matmul {m.params_dtype:9s} {ref / 1e12:.3f} TFLOP/s (same device, same run)")
     print(f"ratio            {flops / seconds / ref:.3f}")
+    sheet = datasheet_bf16_flops()
+    if sheet and m.params_dtype == "bfloat16":
+        print(
+            f"MFU              {flops / seconds / sheet:.3f} of the datasheet's dense bf16 {sheet / 1e12:.0f} TFLOP/s"
+        )
     print(f"peak memory      {fmt_bytes(peak_memory_bytes())}")
     if args.profile:
         print("\n".join(time_by_op(forward, state, cache, folder=args.profile)))
