@@ -60,6 +60,10 @@ class AotError(ValueError):
     """A topology, config or mesh this command cannot compile for."""
 
 
+class NoMeshFits(AotError):
+    """--mesh auto: no mesh of the slice holds the config (the others are still compiled)."""
+
+
 @dataclass(frozen=True)
 class Record:
     config: str
@@ -439,7 +443,7 @@ def check(
         try:
             sizes, _ = choose_mesh(config, len(devices), 0, hbm, HEADROOM, impl, devices[0].platform)
         except MemoryPlanError as e:
-            raise AotError(f"{config_name} on {slice_name}: {e}") from None
+            raise NoMeshFits(f"{config_name} on {slice_name}: {e}") from None
         mesh_text = sharding.describe_mesh(sizes) if len(devices) > 1 else None
     mesh, hbm = slice_mesh(slice_name, mesh_text)
     mesh_label = sharding.describe_mesh(dict(mesh.shape))
@@ -540,13 +544,23 @@ def main(argv=None) -> int:
         except ConfigError as e:
             ap.error(str(e))
     programs = tuple(p.strip() for p in args.programs.split(",") if p.strip())
-    records = []
+    records, unfit = [], 0
     try:
         for slice_name in args.topology or ["v5e-8"]:
             for c in configs:
-                records += check(
-                    c, slice_name, args.mesh, programs=programs, impl=args.attention, size=size, frames=args.num_frames
-                )
+                try:
+                    records += check(
+                        c,
+                        slice_name,
+                        args.mesh,
+                        programs=programs,
+                        impl=args.attention,
+                        size=size,
+                        frames=args.num_frames,
+                    )
+                except NoMeshFits as e:  # said, and the other configs and slices still answered
+                    print(f"error: {e}", file=sys.stderr)
+                    unfit += 1
     except AotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -557,7 +571,7 @@ def main(argv=None) -> int:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps([dataclasses.asdict(r) for r in records], indent=1))
         tmp.replace(path)
-    return 0
+    return 2 if unfit else 0
 
 
 if __name__ == "__main__":

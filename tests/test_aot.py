@@ -85,6 +85,19 @@ def test_command_writes_one_record_per_program(tmp_path, capsys):
     assert "vae_decode" in printed and "t5_encode" in printed and "GiB" in printed and "mesh seq=8" in printed
 
 
+def test_auto_mesh_names_a_config_no_mesh_holds_and_answers_the_rest(tmp_path, monkeypatch, capsys):
+    host = aot.topology("host")[0]
+    monkeypatch.setattr(aot, "topology", lambda name: (host, 2**30))  # this machine's 8 devices, 1 GiB each
+    out = tmp_path / "aot.json"
+    code = aot.main(
+        ["--config", "4.5B_distill", "--config", "tiny", "--topology", "host", "--mesh", "auto"]
+        + ["--programs", "vae_decode", "--size", "32x32", "--num_frames", "16", "--json", str(out)]
+    )
+    assert code == 2  # one config had no mesh
+    assert "4.5B_distill on host: no mesh of 8 devices fits 1.00 GiB" in capsys.readouterr().err
+    assert [(r["config"], r["mesh"]) for r in json.loads(out.read_text())] == [("tiny", "seq=8")]
+
+
 @pytest.mark.parametrize(
     "message, gib",
     [
