@@ -91,17 +91,18 @@ def time_by_op(fn, *args, folder: str, top: int = 12) -> list[str]:
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in meta if e["name"] == "thread_name"}
     # a GPU's kernels are on its stream lines (its "XLA Ops" and "XLA Modules" lines span the
     # same time again), a TPU's on "XLA Ops"; on CPU, XLA's own threads
-    on_device = [t for t, name in threads.items() if t[0] in device]
-    kernels = (
-        {t for t in on_device if threads[t].startswith("Stream")}
-        or {t for t in on_device if threads[t] == "XLA Ops"}
-        or {t for t in on_device if threads[t] not in ("XLA Modules", "Steps")}
-    )
-    if not device:
+    if device:
+        on_device = [t for t in threads if t[0] in device]
+        kernels = (
+            {t for t in on_device if threads[t].startswith("Stream")}
+            or {t for t in on_device if threads[t] == "XLA Ops"}
+            or {t for t in on_device if threads[t] not in ("XLA Modules", "Steps")}
+        )
+    else:
         kernels = {t for t, name in threads.items() if name.startswith("tf_XLA")}
 
-    def counted(e):  # without XLA:CPU's executor spans, and loops and branches that hold other ops' spans
-        skip = ("end: ", "ThunkExecutor", "while", "cond")
+    def counted(e):  # without XLA:CPU's executor and pool-wait spans, and loops and branches holding others
+        skip = ("end: ", "ThunkExecutor", "SlinkyThreadPool", "while", "cond")
         return e.get("ph") == "X" and (e["pid"], e.get("tid")) in kernels and not e["name"].startswith(skip)
 
     total, example = collections.Counter(), {}

@@ -126,11 +126,12 @@ def topology(name: str):
     return devices, hbm
 
 
-def slice_mesh(slice_name: str, mesh_text: str | None = None):
-    """(mesh over the slice's devices, HBM per chip); mesh_text as --mesh (default: all on seq)."""
+def slice_mesh(slice_name: str, mesh_text: str | None = None, found=None):
+    """(mesh over the slice's devices, HBM per chip); mesh_text as --mesh (default: all on seq);
+    found: what topology(slice_name) already returned."""
     from magi_jax import sharding
 
-    devices, hbm = topology(slice_name)
+    devices, hbm = found or topology(slice_name)
     try:
         sizes = sharding.parse_mesh(mesh_text, len(devices))
     except sharding.MeshError as e:
@@ -445,7 +446,7 @@ def check(
         except MemoryPlanError as e:
             raise NoMeshFits(f"{config_name} on {slice_name}: {e}") from None
         mesh_text = sharding.describe_mesh(sizes) if len(devices) > 1 else None
-    mesh, hbm = slice_mesh(slice_name, mesh_text)
+    mesh, _ = slice_mesh(slice_name, mesh_text, (devices, hbm))
     mesh_label = sharding.describe_mesh(dict(mesh.shape))
     rt = config.runtime
     print(

@@ -228,12 +228,12 @@ def choose_mesh(
     tried = []
     for sizes in sharding.mesh_candidates(devices, (m.num_attention_heads, m.num_query_groups)):
         plan = plan_memory(config, sizes, prefix_frames, impl, platform=platform)
-        if capacity is None or plan.total <= headroom * capacity:
+        if _fits(plan, capacity, headroom):
             return sizes, plan
         tried.append(f"{sharding.describe_mesh(sizes)} {gib(plan.total)}")
     raise MemoryPlanError(
         f"no mesh of {devices} devices fits {gib(capacity)} per device (at most {headroom:.0%} of it is used): "
-        f"{'; '.join(tried)}; use more devices, a smaller --size or fewer --num_frames, or the fp8 / distilled variant"
+        f"{'; '.join(tried)}; use more devices, {_SMALLER}"
     )
 
 
@@ -254,13 +254,19 @@ def device_capacity(device=None) -> int | None:
 def check_fits(plan: MemoryPlan, capacity: int | None = None, headroom: float = 0.9):
     """Raises MemoryPlanError (with the numbers) when the plan exceeds headroom x capacity."""
     capacity = device_capacity() if capacity is None else capacity
-    if capacity is None or plan.total <= headroom * capacity:
+    if _fits(plan, capacity, headroom):
         return
     raise MemoryPlanError(
         f"this run needs about {plan.describe()}, but a device holds {gib(capacity)}; use more devices "
-        f"(--mesh; --mesh auto picks one that fits), a smaller --size or fewer --num_frames, or the fp8 / "
-        f"distilled variant"
+        f"(--mesh; --mesh auto picks one that fits), {_SMALLER}"
     )
+
+
+_SMALLER = "a smaller --size or fewer --num_frames, or the fp8 / distilled variant"
+
+
+def _fits(plan: MemoryPlan, capacity: int | None, headroom: float) -> bool:
+    return capacity is None or plan.total <= headroom * capacity
 
 
 # ----------------------------------------------------------------------------- training
