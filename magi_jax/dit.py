@@ -193,17 +193,26 @@ class DiTLayer(nnx.Module):
             xk, xv = self.k_norm_x(xkv[..., 0, :]), xkv[..., 1, :]
             cross = chunk_cross_attention(xq, xk, xv, row.caption_mask, shape.caption_block)
 
-        with jax.named_scope("attention_out"):
-            attn = jnp.concatenate([core.reshape(r, nq, h * dh), cross.reshape(r, nq, h * dh)], axis=-1)
-            gates = softcap(self.ada(jax.nn.silu(row.cond.astype(f32)).astype(pd)), GATE_CAP)
-            gate_attn, gate_mlp = jnp.split(gates, 2, axis=-1)
-            x = self._gated_residual(self.proj(attn), x, gate_attn, self.attn_post_norm)
+        gates = softcap(self.ada(jax.nn.silu(row.cond.astype(f32)).astype(pd)), GATE_CAP)
+        # the rest is per token, so it runs one chunk at a time: over a whole window XLA holds
+        # several float32 copies of the residual stream and the MLP's hidden layer, and splits
+        # them by chunk only in some windows (24B_distill_quant's largest step on v5p-8,
+        # model=4: 23.87 GiB whole, 18.74 by chunk), which no plan could follow
+        x = _by_chunk(self._tail, x, core.reshape(r, nq, h * dh), cross.reshape(r, nq, h * dh), gates)
+        return x, k, v
 
+    def _tail(self, x, core, cross, gates):
+        """The output projection and the MLP, each with its gated residual: x, core, cross
+        (R, Nq, .), gates (R, 2D)."""
+        gate_attn, gate_mlp = jnp.split(gates, 2, axis=-1)
+        with jax.named_scope("attention_out"):
+            attn = jnp.concatenate([core, cross], axis=-1)
+            x = self._gated_residual(self.proj(attn), x, gate_attn, self.attn_post_norm)
         with jax.named_scope("mlp"):
             hidden = self.fc1(self.mlp_norm(x))
             hidden = silu_and_mul(hidden) if self.glu else gelu(hidden)
             x = self._gated_residual(self.fc2(hidden), x, gate_mlp, self.mlp_post_norm)
-        return x, k, v
+        return x
 
     def __call__(self, x, ctx: PassInputs, call: ForwardCall, cache: KVCache | None, layer):
         """x (B, S, D): B guidance rows over the same tokens (different captions / AdaLN
@@ -228,6 +237,14 @@ class DiTLayer(nnx.Module):
             with jax.named_scope("kv_cache_write"):
                 cache = write_rows(cache, layer, slots.write, k[row, :b], v[row, :b], call.write_count)
         return x, cache
+
+
+def _by_chunk(f, *args):
+    """f over each chunk in turn: args (R, ...), f maps (1, ...) slices to a (1, ...) result.
+    Its temporaries are one chunk's, not the window's."""
+    if args[0].shape[0] == 1:
+        return f(*args)
+    return jax.lax.map(lambda a: f(*(t[None] for t in a))[0], args)
 
 
 class LayerStack(nnx.Module):

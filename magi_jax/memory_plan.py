@@ -4,7 +4,7 @@ Three parts dominate: the DiT's parameters, the KV cache (every layer's keys and
 the ring of tokens the schedule can still read, sampler_plan.cache_rows: the same for any video
 length) and the working set of the largest window the sampler runs
 (the batched caption / null-caption pass: residual stream, q/k/v with the cache window,
-one attention score tile, the MLP's hidden layer, and the per-chunk captions). Sharding
+one attention score tile, one chunk's MLP hidden layer, and the per-chunk captions). Sharding
 divides each part by the mesh axes its dimensions are split over, following
 sharding.RULES, so the plan for a mesh is the plan of one device of it.
 
@@ -195,14 +195,18 @@ def plan_memory(
         layout_kv, tile, cross = _attention_bytes(impl, shape)
         kv += layout_kv
         cross += rows * r * length * 2 * kv_row  # the chunks' caption keys and values
-        proj = rows * s * (2 * h * hd * pd // model_split + 3 * d * 4)
-        mlp = rows * s * ffn * (pd + 4) // model_split
+        # the output projection and the MLP run one chunk at a time (dit._by_chunk)
+        proj = rows * per_chunk * (2 * h * hd * pd // model_split + 3 * d * 4)
+        mlp = rows * per_chunk * ffn * (pd + 4) // model_split
         # the window's projected captions (float32, then params_dtype), held through the layers
         captions = rows * r * length * dx * (4 + pd)
         # base models project the null caption's chunks too: their float32 tokens live only
         # while projected, before the layers, so XLA reuses that memory for the layers' own
         caption_tokens = (rows // 2) * r * length * cc * 4
-        working = carry + kv + qkv + max(tile, cross, proj, mlp, caption_tokens) + captions
+        # the chunk loop's stacked output and its copy of the layer input: two more of the
+        # window's residual streams while the tail runs (measured on the TPU programs)
+        loop = 2 * rows * s * d * pd if r > 1 else 0
+        working = carry + kv + qkv + max(tile, cross, proj, mlp, caption_tokens) + captions + loop
         working = max(working, layer_copies)
         largest = max(largest, working)
     return MemoryPlan(params, cache, largest + inputs, sizes)

@@ -53,7 +53,7 @@ def test_auto_mesh_adds_model_devices_only_as_memory_needs():
     (a model split that does not divide the head counts is never offered); none: the numbers."""
     assert [m["model"] for m in sharding.mesh_candidates(8, (24, 8))] == [1, 2, 4, 8]
     assert [m["model"] for m in sharding.mesh_candidates(8, (6, 2))] == [1, 2]
-    cfg = load_config("4.5B_distill")  # at its released 720x720 on a slice of 8 chips
+    cfg = load_config("4.5B_base")  # at its released 720x720 on a slice of 8 chips
     plans = [plan_memory(cfg, m, 0, "pallas", platform="tpu").total for m in sharding.mesh_candidates(8, (24, 8))]
     assert plans[0] > plans[1] > plans[2] and plans[3] > plans[2]  # model=8 has no `seq` left to split activations
 
