@@ -2,6 +2,8 @@
 each attention implementation that runs here, divided by the mesh as the sharding table says,
 and refusing runs that cannot fit."""
 
+import math
+
 import pytest
 
 from magi_jax import sharding
@@ -30,6 +32,33 @@ def test_plan_within_10_percent_of_allocation(name, impl):
     measured = compiled_step_memory(cfg, impl=impl)
     planned = plan_memory(cfg, impl=impl).total
     assert 0.9 * measured <= planned <= 1.1 * measured, (planned, measured)
+
+
+def test_the_mlp_hidden_layer_is_one_chunks_not_the_windows():
+    """The plan counts one chunk's MLP hidden layer (dit._by_chunk): in the compiled largest
+    step no array of the MLP's width spans more than one chunk's tokens of every guidance row."""
+    import re
+
+    import jax
+
+    from magi_jax.aot import compile_program, sampler_programs
+    from magi_jax.sampler_plan import layout
+
+    cfg = CONFIGS["mid_base"]()
+    m, n = cfg.model, layout(cfg).chunk_tokens
+    mesh = sharding.make_mesh({}, jax.local_devices()[:1])
+    step = max(sampler_programs(cfg, mesh, "xla", prefix_frames=0), key=lambda p: p.chunks)
+    assert step.window.chunks > 1
+    hlo = compile_program(step, mesh, "xla")[0].as_text()
+    rows = 2  # the caption and null-caption passes of a three-way guided step run batched
+    widths = {m.ffn_hidden_size, 2 * m.ffn_hidden_size}
+    hidden = [
+        dims
+        for dims in (tuple(map(int, d.split(","))) for d in re.findall(r"\[(\d+(?:,\d+)+)\]", hlo))
+        if dims[-1] in widths and any(d % n == 0 for d in dims[:-1])  # tokens x MLP width
+    ]
+    assert hidden, "no MLP hidden layer found in the program"
+    assert all(math.prod(d) <= rows * n * d[-1] for d in hidden), max(hidden, key=math.prod)
 
 
 def test_plan_divides_over_the_mesh():
