@@ -182,8 +182,8 @@ BAD = [
         "holds base weights, but the config is a distilled model",
     ),
     (lambda t, m: ["--mesh", "4x4"], "mesh '4x4' needs 16 devices, 8 are present"),  # the session has 8 (conftest)
-    # 24B base at 1088x1920 on this session's 8 devices (seq=8): about 76 GiB each
-    (lambda t, m: ["--config_file", "24B_base", "--size", "1088x1920", "--num_frames", "960"], "but a device holds"),
+    # 24B base at 1440x2560 on this session's 8 devices (seq=8): about 86 GiB each
+    (lambda t, m: ["--config_file", "24B_base", "--size", "1440x2560", "--num_frames", "960"], "but a device holds"),
 ]
 
 
