@@ -355,11 +355,10 @@ def device_bytes(compiled) -> tuple[int, int, int, int]:
     return a + o + t - ma.alias_size_in_bytes, a, o, t
 
 
-def compiled_step_memory(config, impl: str | None = None) -> int:
-    """XLA's own account of the sampler's largest step on this process's first device: bytes
-    of its arguments (parameters, KV cache, inputs), temporaries and outputs, from compiling
-    on abstract shapes (nothing is allocated), with attention implementation `impl` (default:
-    this backend's). The reference memory_plan.plan_memory is checked against."""
+def compile_largest_step(config, impl: str | None = None):
+    """(program, compiled) of the sampler's largest step on this process's first device, from
+    abstract shapes (nothing is allocated), with attention implementation `impl` (default:
+    this backend's)."""
     import jax
 
     from magi_jax import attention, sharding
@@ -367,8 +366,14 @@ def compiled_step_memory(config, impl: str | None = None) -> int:
     impl = impl or attention.implementation(config.model.dtype)
     mesh = sharding.make_mesh({}, jax.local_devices()[:1])
     largest = max(sampler_programs(config, mesh, impl, prefix_frames=0), key=lambda p: p.chunks)
-    compiled, _ = compile_program(largest, mesh, impl)
-    return device_bytes(compiled)[0]
+    return largest, compile_program(largest, mesh, impl)[0]
+
+
+def compiled_step_memory(config, impl: str | None = None) -> int:
+    """XLA's own account of the sampler's largest step (compile_largest_step): bytes of its
+    arguments (parameters, KV cache, inputs), temporaries and outputs. The reference
+    memory_plan.plan_memory is checked against."""
+    return device_bytes(compile_largest_step(config, impl)[1])[0]
 
 
 def _refused_bytes(error) -> tuple[int, bool] | None:

@@ -205,7 +205,7 @@ def plan_memory(
         caption_tokens = (rows // 2) * r * length * cc * 4
         # the chunk loop's stacked output and its copy of the layer input: two more of the
         # window's residual streams while the tail runs (measured on the TPU programs)
-        loop = 2 * rows * s * d * pd if r > 1 else 0
+        loop = carry if r > 1 else 0  # dit._by_chunk runs a 1-chunk window without the loop
         working = carry + kv + qkv + max(tile, cross, proj, mlp, caption_tokens) + captions + loop
         working = max(working, layer_copies)
         largest = max(largest, working)
