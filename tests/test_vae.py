@@ -16,19 +16,29 @@ import functools
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import parity
 import pytest
 from flax import nnx
+from jax.extend.core import Var
 
 from magi_jax.convert import ConversionError
 from magi_jax.safetensors_io import save_file
 from magi_jax.torch_weights import open_torch_weights
 from magi_jax.vae import RELEASED, TINY, VaeConfig, VaeConfigError, VaeModel
 from magi_jax.vae_runtime import Vae
-from magi_jax.vae_tiling import TileConfig, flattens_to_view, model_to_uint8, plan, run_tiles
+from magi_jax.vae_tiling import (
+    TileConfig,
+    decode_tiles_traced,
+    flattens_to_view,
+    model_to_uint8,
+    plan,
+    run_tiles,
+    to_uint8_traced,
+)
 from magi_jax.vae_weights import build_vae, convert_vae, load_vae, random_vae, vae_rules
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -348,6 +358,61 @@ def test_chunk_decodes_as_one_program_equal_to_tile_by_tile():
     host = run_tiles(z, one_tile, axes, raw_neighbours=True)[0]
     assert len(tile_calls) == 32
     np.testing.assert_array_equal(frames, model_to_uint8(host).transpose(1, 2, 3, 0))
+
+
+def _widened_without_rounding(jaxpr) -> list[str]:
+    """Every place, in a jaxpr and the jaxprs inside it, where a bf16/f16 value is converted
+    to float32 and then used by anything but `reduce_precision`."""
+    found = []
+    used_by: dict = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if isinstance(v, Var):  # not a literal
+                used_by.setdefault(v, []).append(eqn.primitive.name)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _widened_without_rounding(inner)
+    outputs = {v for v in jaxpr.outvars if isinstance(v, Var)}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "convert_element_type":
+            continue
+        (x,), (y,) = eqn.invars, eqn.outvars
+        if x.aval.dtype in (jnp.bfloat16, jnp.float16) and y.aval.dtype == jnp.float32:
+            users = used_by.get(y, []) + (["the output"] if y in outputs else [])
+            if set(users) != {"reduce_precision"}:
+                found.append(f"{x.aval.str_short()} widened, then used by {users}")
+    return found
+
+
+def test_chunk_decode_rounds_where_xla_cannot_skip_it():
+    """XLA:GPU treats `x.astype(bf16).astype(f32)` as a rounding it may skip (excess precision,
+    on by default). On an H200 (2026-12-04) the chunk decode then blended unrounded tiles and
+    differed from the host path in 16% of its uint8 values; the test above caught it there,
+    and CPU never skips it. So in the blend and the uint8 mapping every bf16 value is widened
+    to float32 through `reduce_precision`, which XLA keeps. Checked on the traced program, with
+    a stand-in decoder: the real one's internal conversions are the model's, not the tiling's."""
+
+    def decode_tile(tile, strided):  # (B, 16, t, h, w) -> (B, 3, 4t or 1, 8h, 8w), computed then rounded
+        x = jnp.tanh(tile[:, :3] * 0.7)
+        x = jnp.repeat(x, 1 if tile.shape[2] == 1 else TINY.patch_length, axis=2)
+        x = jnp.repeat(jnp.repeat(x, TINY.patch_size, axis=3), TINY.patch_size, axis=4)
+        return x.astype(jnp.bfloat16)
+
+    tiles = TileConfig(sample_height=64, sample_width=64, sample_length=12)
+
+    def chunk(z):
+        frames = decode_tiles_traced(z, decode_tile, tiles, TINY.patch_length, TINY.patch_size)[0]
+        return to_uint8_traced(frames)
+
+    z = np.random.default_rng(2).standard_normal((1, 16, 4, 20, 20)).astype(np.float32)
+    jaxpr = jax.make_jaxpr(chunk)(z).jaxpr
+    assert _widened_without_rounding(jaxpr) == []
+    # what it traced is the host path, bit for bit
+    axes = plan(tiles, TINY.patch_length, TINY.patch_size, decode=True)
+    host = run_tiles(z, lambda t: np.asarray(decode_tile(jnp.asarray(t), True)), axes, raw_neighbours=True)
+    np.testing.assert_array_equal(np.asarray(jax.jit(chunk)(z)), model_to_uint8(host[0]))
 
 
 def test_flattens_to_view_matches_numpy():
