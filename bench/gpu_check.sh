@@ -11,14 +11,15 @@
 #                    rows; exits 1 on a failure), then a small guided bf16 forward's MFU;
 #   EXTRA            any further command the caller names (a diagnostic), run beside them.
 # The tests compile as a generation does (MAGI_TEST_COMPILE=optimized, autotuning on). The
-# workers share one autotuning cache: on 2026-12-04 fourteen workers that each autotuned every
-# fusion of the sampler's programs finished none of the 13 runs in 210 s (on CPU each takes
-# 20-65 s). With pytest-timeout installed, a test stuck for TEST_LIMIT seconds dumps its
+# workers share one autotuning cache. On 2026-12-04 fourteen workers, each autotuning alone,
+# finished none of the 13 sampler runs in 210 s beside the other files; later that day this
+# script ran them all in 311 s (56-241 s each; on a 2-core CPU 20-65 s each), 390 s in all. With pytest-timeout installed, a test stuck for TEST_LIMIT seconds dumps its
 # stacks and fails. Exit status: non-zero when any lane failed.
 #
 #   bash bench/gpu_check.sh                 # from the project root
 #   LOGS=$OUT bash bench/gpu_check.sh       # logs where the caller collects them
-#   FORWARD=1 ...                           # also bench/dit_forward.py at 720x720 (issue 18), after the rest
+#   FORWARD=1 ...                           # then bench/dit_forward.py at 720x720, bf16, cuDNN, with
+#                                           # where its time goes kernel by kernel (--profile)
 #
 # Packages the machine lacks can travel as wheels in ./.whl (installed to /tmp/site first). The
 # lent H200 of 2026-12-04 (python 3.12, jax 0.11.2) lacked five, fetched beforehand with
@@ -83,7 +84,7 @@ for i in "${!pids[@]}"; do
 done
 if [ -n "${FORWARD:-}" ]; then
     lane dit_forward 120 env MAGI_ATTENTION=cudnn $PY bench/dit_forward.py --config 4.5B_distill --layers 1 \
-        --height 720 --width 720 --chunks 4 --dtype bfloat16 --repeat 5 || failed+=(dit_forward)
+        --height 720 --width 720 --chunks 4 --dtype bfloat16 --repeat 5 --profile /tmp/magi-trace || failed+=(dit_forward)
 fi
 
 report sampler_parity 60 "PASSED|FAILED|ERROR|Timeout|passed|failed|s call"
