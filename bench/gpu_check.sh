@@ -13,8 +13,9 @@
 # The tests compile as a generation does (MAGI_TEST_COMPILE=optimized, autotuning on). The
 # workers share one autotuning cache. On 2026-12-04 fourteen workers, each autotuning alone,
 # finished none of the 13 sampler runs in 210 s beside the other files; later that day this
-# script ran them all in 311 s (56-241 s each; on a 2-core CPU 20-65 s each), 390 s in all. With pytest-timeout installed, a test stuck for TEST_LIMIT seconds dumps its
-# stacks and fails. Exit status: non-zero when any lane failed.
+# script ran them all in 311 s (56-241 s each; on a 2-core CPU 20-65 s each), 390 s in all.
+# With pytest-timeout installed, a test stuck for TEST_LIMIT seconds dumps its stacks and fails.
+# Exit status: non-zero when any lane failed.
 #
 #   bash bench/gpu_check.sh                 # from the project root
 #   LOGS=$OUT bash bench/gpu_check.sh       # logs where the caller collects them
@@ -45,7 +46,7 @@ lane() {  # lane NAME SECONDS COMMAND...: run, log, and report with its exit sta
     echo "=== $name: exit $rc after $((SECONDS - t0)) s (limit ${limit}s) $([ $rc -eq 124 ] && echo TIMED OUT)"
     return $rc
 }
-report() {  # report NAME LINES: the lane log's summary
+report() {  # report NAME [LINES [PATTERN]]: the last LINES lines of the lane's log that match PATTERN
     echo "----- $1"
     grep -E "${3:-FAILED|ERROR|Error|error:|Timeout|passed|failed}" "$LOGS/$1.log" | tail -n "${2:-40}"
 }

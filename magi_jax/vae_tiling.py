@@ -358,10 +358,9 @@ def decode_tiles_traced(z, decode_tile, tiles: TileConfig, patch_length: int, pa
         shape[axis] = e
         w_b = np.array([k / e for k in range(e)], f32).reshape(shape)
         w_a = np.array([1 - k / e for k in range(e)], f32).reshape(shape)
-        # every operand and result held in the tiles' dtype is rounded to it, as on the host
-        old = rounded_to(jax.lax.slice_in_dim(a, a.shape[axis] - e, a.shape[axis], axis=axis).astype(f32), a.dtype)
-        new = rounded_to(jax.lax.slice_in_dim(b, 0, e, axis=axis).astype(f32), b.dtype)
-        mixed = rounded_to(old * w_a + new * w_b, b.dtype).astype(b.dtype)
+        old = widened(jax.lax.slice_in_dim(a, a.shape[axis] - e, a.shape[axis], axis=axis))
+        new = widened(jax.lax.slice_in_dim(b, 0, e, axis=axis))
+        mixed = (old * w_a + new * w_b).astype(b.dtype)  # its readers widen it with `widened`
         return jnp.concatenate([mixed, jax.lax.slice_in_dim(b, e, b.shape[axis], axis=axis)], axis=axis)
 
     slices, rows, row = [], [], []
@@ -398,11 +397,19 @@ def rounded_to(x, dtype):
     return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
+def widened(x):
+    """Traced: x (16-bit) as float32, holding x's own values even where XLA skipped the rounding
+    that produced x (see `rounded_to`)."""
+    import jax.numpy as jnp
+
+    return rounded_to(x.astype(jnp.float32), x.dtype)
+
+
 def to_uint8_traced(x):
     """`model_to_uint8` inside jit: trunc(clamp(x*127.5 + 127.5)), each step rounded to x's dtype."""
     import jax.numpy as jnp
 
     dt = x.dtype
-    y = rounded_to(rounded_to(x.astype(jnp.float32), dt) * f32(127.5), dt)
+    y = rounded_to(widened(x) * f32(127.5), dt)
     y = rounded_to(y + f32(127.5), dt)
     return jnp.clip(jnp.nan_to_num(y), 0, 255).astype(jnp.uint8)
