@@ -22,8 +22,9 @@ Implementations (`implementation()` picks one per backend; MAGI_ATTENTION overri
           end only (a dynamic trip count, so masked keys cost nothing); the parity reference
           (CPU default; also every float32 run, which cuDNN does not take)
   cudnn   NVIDIA GPUs: cuDNN flash attention through jax.nn.dot_product_attention
-  pallas  TPUs: our Pallas kernel (pallas_attention.py), which reads the key buffer in place
-          and walks only the key blocks of each chunk's range (Pallas's interpreter off TPU)
+  pallas  TPUs: our Pallas kernel (pallas_attention.py), which reads the cache window and this
+          call's keys where they lie (`KeyParts`: no joined buffer is built) and walks only
+          the key blocks of each chunk's range (Pallas's interpreter off TPU)
   dpa     jax.nn.dot_product_attention's portable XLA path with the layout cuDNN gets
 cudnn and dpa take a key length, so they get, per chunk, the `span` rows starting at the
 range's start (the buffer is padded by `span` rows so that slice always exists).
@@ -143,6 +144,22 @@ def key_buffer(k_new, v_new, new_start, window=None) -> KeyBuffer:
         return jax.lax.dynamic_update_slice(buf, new, at)
 
     return KeyBuffer(put(kw, k_new), put(vw, v_new), jnp.asarray(start, jnp.int32))
+
+
+class KeyParts(NamedTuple):
+    """One layer's keys where they lie: `window` (k, v, start), the cache rows from `start`
+    on (rows at or past `new_start` zero, as read_window gives them), or None; and this
+    call's keys k, v (S, G, D) at positions new_start... `key_buffer` joins them; the Pallas
+    kernel reads the two in place (the joined buffer, per guidance row, and its heads-first
+    copy were a TPU step's largest temporaries: the window once more per row)."""
+
+    k: jax.Array
+    v: jax.Array
+    new_start: jax.Array
+    window: tuple | None
+
+    def joined(self) -> KeyBuffer:
+        return key_buffer(self.k, self.v, self.new_start, self.window)
 
 
 @dataclass(frozen=True)
@@ -280,18 +297,18 @@ def _fused(qc, kc, vc, lengths, kind: str):
     return jnp.where(lengths[:, None, None, None] > 0, out, 0).astype(qc.dtype)  # no key: zeros
 
 
-def _on_shards(kernel, qc, kt, vt, *scalars):
-    """Runs a Pallas kernel on each device's shard under a mesh (XLA cannot partition a Mosaic
-    custom call itself): query and key/value heads over `model` where it divides both, query
-    tokens over `seq` (padded to a multiple of it); each device reads its heads' whole key
-    rows. qc (R, N, H, D); kt, vt (G, K, D) or (R, G, K, D); scalars: (R,) per chunk. Without
-    a mesh: the kernel as is."""
+def _on_shards(kernel, qc, kvs, *scalars):
+    """Runs a Pallas kernel, `kernel(qc, *kvs, *scalars)`, on each device's shard under a mesh
+    (XLA cannot partition a Mosaic custom call itself): query and key/value heads over `model`
+    where it divides both, query tokens over `seq` (padded to a multiple of it); each device
+    reads its heads' whole key rows. qc (R, N, H, D); kvs: keys and values, each (G, K, D) or
+    (R, G, K, D); scalars: per chunk, replicated. Without a mesh: the kernel as is."""
     mesh = jax.sharding.get_abstract_mesh()
     # 16-bit inputs multiply exactly in any precision; Mosaic refuses a float32 precision on
     # them, which a process-wide setting (JAX_DEFAULT_MATMUL_PRECISION=highest) would ask for
     with jax.default_matmul_precision("default"):
         if mesh.empty:
-            return kernel(qc, kt, vt, *scalars)
+            return kernel(qc, *kvs, *scalars)
         from jax.sharding import PartitionSpec as P
 
         def axis(name, size):
@@ -304,12 +321,12 @@ def _on_shards(kernel, qc, kt, vt, *scalars):
         # queries' outputs are dropped, and no key is added
         seq = mesh.shape.get("seq", 1)
         padded = qc if n % seq == 0 else jnp.pad(qc, ((0, 0), (0, -n % seq), (0, 0), (0, 0)))
-        heads = axis("model", kt.shape[-3]) if axis("model", h) else None  # both head counts, or neither
+        heads = axis("model", kvs[0].shape[-3]) if axis("model", h) else None  # both head counts, or neither
         q_spec = P(None, axis("seq", padded.shape[1]), heads, None)
-        kv_spec = P(*[None] * (kt.ndim - 3), heads, None, None)
-        specs = (q_spec, kv_spec, kv_spec, *[P()] * len(scalars))
+        kv_specs = [P(*[None] * (a.ndim - 3), heads, None, None) for a in kvs]
+        specs = (q_spec, *kv_specs, *[P()] * len(scalars))
         out = jax.shard_map(kernel, mesh=mesh, in_specs=specs, out_specs=q_spec, check_vma=False)(
-            padded, kt, vt, *scalars
+            padded, *kvs, *scalars
         )
         return out[:, :n]
 
@@ -320,7 +337,7 @@ def _pallas(qc, kt, vt, lo, hi, span: int):
     key buffer, or (R, G, K, D) a buffer per chunk; each chunk reads its rows [lo, hi)."""
     from magi_jax.pallas_attention import ranged_attention
 
-    return _on_shards(functools.partial(ranged_attention, span=span), qc, kt, vt, lo, hi)
+    return _on_shards(functools.partial(ranged_attention, span=span), qc, (kt, vt), lo, hi)
 
 
 def _pallas_fwd(qc, kt, vt, lo, hi, span):
@@ -339,15 +356,60 @@ def _pallas_bwd(span, saved, grad):
 _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _pallas_parts(qc, kwt, vwt, knt, vnt, lo, hi, offset, span: int):
+    """_pallas over the joined buffer [window; this call's keys] without building it: the
+    window (G, W, D) and this call's keys (G, S, D) read in place, the call's keys from row
+    `offset` of the joined buffer; lo, hi (R,) rows of the joined buffer, as for _pallas."""
+    from magi_jax.pallas_attention import ranged_attention_over
+
+    w, s = kwt.shape[1], knt.shape[1]
+    lo_w, hi_w = lo, jnp.maximum(jnp.minimum(hi, offset), lo)  # the window's rows below the call's
+    lo_n = jnp.clip(lo - offset, 0, s)
+    hi_n = jnp.clip(hi - offset, lo_n, s)
+    spans = (min(span, w), min(span, s))
+
+    def kernel(q, kw, vw, kn, vn, lo2, hi2):
+        return ranged_attention_over(q, ((kw, vw), (kn, vn)), lo2, hi2, spans)
+
+    return _on_shards(kernel, qc, (kwt, vwt, knt, vnt), jnp.stack([lo_w, lo_n]), jnp.stack([hi_w, hi_n]))
+
+
+def _pallas_parts_fwd(qc, kwt, vwt, knt, vnt, lo, hi, offset, span):
+    return _pallas_parts(qc, kwt, vwt, knt, vnt, lo, hi, offset, span), (qc, kwt, vwt, knt, vnt, lo, hi, offset)
+
+
+def _pallas_parts_bwd(span, saved, grad):
+    # training runs without a cache window; a backward through one is the joined buffer's,
+    # built here for it
+    qc, kwt, vwt, knt, vnt, lo, hi, offset = saved
+
+    def joined(q, kw, vw, kn, vn):
+        def put(w, new):
+            buf = jnp.concatenate([w, jnp.zeros_like(new)], axis=1)
+            return jax.lax.dynamic_update_slice(buf, new, (0, offset, 0))
+
+        return _pallas(q, put(kw, kn), put(vw, vn), lo, hi, span)
+
+    _, pullback = jax.vjp(joined, qc, kwt, vwt, knt, vnt)
+    return (*pullback(grad), None, None, None)
+
+
+_pallas_parts.defvjp(_pallas_parts_fwd, _pallas_parts_bwd)
+
+
 def _flash_by_slices(qc, kt, vt, lo, hi, span: int):
     """The same attention through Pallas's flash-attention kernel (differentiable): a per-chunk
     buffer is read whole with a length mask; the shared buffer one chunk at a time, its `span`
     rows (rounded up to the kernel's 128) from the range's start."""
     if kt.ndim == 4:  # lo is 0
         pad = ((0, 0), (0, 0), (0, -kt.shape[2] % 128), (0, 0))
-        return _on_shards(_flash_tpu, qc, jnp.pad(kt, pad), jnp.pad(vt, pad), hi)
-    flash = functools.partial(_on_shards, _flash_tpu)
-    return _by_chunk_slices(flash, qc, kt, vt, lo, hi, -(-span // 128) * 128, axis=1)
+        return _on_shards(_flash_tpu, qc, (jnp.pad(kt, pad), jnp.pad(vt, pad)), hi)
+    return _by_chunk_slices(_flash_on_shards, qc, kt, vt, lo, hi, -(-span // 128) * 128, axis=1)
+
+
+def _flash_on_shards(qc, kt, vt, lengths):
+    return _on_shards(_flash_tpu, qc, (kt, vt), lengths)
 
 
 def _by_chunk_slices(attend, qc, k, v, lo, hi, width: int, axis: int):
@@ -391,12 +453,20 @@ def _ranges(kv_range, base, rows: int, span: int):
     return lo, jnp.minimum(hi, lo + span)
 
 
-def chunk_self_attention(qc, keys: KeyBuffer, kv_range, chunk_tokens: int, span: int | None = None, impl=None):
+def chunk_self_attention(
+    qc, keys: KeyBuffer | KeyParts, kv_range, chunk_tokens: int, span: int | None = None, impl=None
+):
     """qc (R, Nq, H, D) each chunk's queries; keys: the layer's `key_buffer` (K rows by global
-    position, N = `chunk_tokens` a chunk); kv_range (R, 2) global [start, end) per query chunk;
+    position, N = `chunk_tokens` a chunk), or its KeyParts (joined here, except by the Pallas
+    kernel, which reads them in place); kv_range (R, 2) global [start, end) per query chunk;
     span: static bound on a chunk's visible keys (None: K); a wider range is cut to its first
     `span` keys. Nq may exceed N (a chunk's queries padded for a mesh, the DiT drops their
     outputs). Returns (R, Nq, H, D)."""
+    impl = impl or implementation(qc.dtype)
+    if isinstance(keys, KeyParts):
+        if impl == "pallas" and keys.window is not None:
+            return _self_parts(qc, keys, kv_range, span)
+        keys = keys.joined()
     k, v, base = keys
     # on a mesh every device attends its own query tokens over all their visible keys: the key
     # rows are gathered (heads stay split over `model`), so no softmax sum crosses devices -
@@ -406,7 +476,6 @@ def chunk_self_attention(qc, keys: KeyBuffer, kv_range, chunk_tokens: int, span:
     rows = k.shape[0]
     span = rows if span is None else min(span, rows)
     lo, hi = _ranges(kv_range.astype(jnp.int32), base, rows, span)
-    impl = impl or implementation(qc.dtype)
     if impl == "xla":
         kb = self_key_block(chunk_tokens, rows)
         return _xla(qc, k, v, lo, hi, _Tiles(Q_BLOCK, kb, -(-span // kb), split_edge=True))
@@ -421,6 +490,28 @@ def chunk_self_attention(qc, keys: KeyBuffer, kv_range, chunk_tokens: int, span:
     # cudnn and dpa take a key length: each chunk its `span` rows from its range's start
     fused = functools.partial(_fused, kind=impl)
     return _by_chunk_slices(fused, qc, k, v, lo, hi, span, axis=0)
+
+
+def _self_parts(qc, keys: KeyParts, kv_range, span: int | None):
+    """The Pallas path over the cache window and this call's keys, each read in place: the
+    same rows and ranges as over their joined buffer (cache rows from the window's start, the
+    call's keys from new_start)."""
+    kw, vw, start = keys.window
+    k, v = constrain(keys.k, KEY_AXES), constrain(keys.v, KEY_AXES)
+    rows = kw.shape[0] + k.shape[0]
+    span = rows if span is None else min(span, rows)
+    start = jnp.asarray(start, jnp.int32)
+    lo, hi = _ranges(kv_range.astype(jnp.int32), start, rows, span)
+    offset = jnp.asarray(keys.new_start, jnp.int32) - start
+    # heads first, once per layer: the window's copy is shared by the guidance rows
+    kwt, vwt = (jnp.swapaxes(constrain(a, KEY_AXES), 0, 1) for a in (kw, vw))
+    knt, vnt = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
+
+    def chunk(a):  # one chunk at a time: its queries regrouped (and split over seq) alone
+        q1, lo1, hi1 = a
+        return _pallas_parts(q1[None], kwt, vwt, knt, vnt, lo1[None], hi1[None], offset, span)[0]
+
+    return jax.lax.map(chunk, (qc, lo, hi))
 
 
 def chunk_cross_attention(qc, k, v, caption_mask, block: int | None = None, impl: str | None = None):

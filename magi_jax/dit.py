@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from magi_jax.attention import chunk_cross_attention, chunk_self_attention, key_buffer
+from magi_jax.attention import KeyParts, chunk_cross_attention, chunk_self_attention
 from magi_jax.config import ModelConfig
 from magi_jax.forward_call import Captions, ForwardCall, Window
 from magi_jax.kv_cache import CacheSlots, KVCache, read_window, write_rows
@@ -184,8 +184,7 @@ class DiTLayer(nnx.Module):
             v = self.v(ln).reshape(r, nq, g, dh)
             # every query reads keys of every chunk: gathered once, the padding dropped after
             k, v = (constrain(a, CALL_KEYS)[:, :n].reshape(r * n, g, dh) for a in (k, v))
-            keys = key_buffer(k, v, ctx.first_token, window)
-            core = chunk_self_attention(q, keys, ctx.kv_range, n, shape.kv_span)
+            core = chunk_self_attention(q, KeyParts(k, v, ctx.first_token, window), ctx.kv_range, n, shape.kv_span)
 
         with jax.named_scope("cross_attention"):
             xq = self.q_norm_x(self.qx(ln).reshape(r, nq, h, dh))

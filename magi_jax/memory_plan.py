@@ -85,6 +85,7 @@ class _AttentionShape:
     heads: int  # query heads
     n: int  # tokens per chunk
     keys: int  # rows of the key buffer (cache window + the pass's tokens)
+    window: int  # of which the cache window's
     span: int  # rows a chunk's slice reads (Window.kv_span)
     length: int  # caption tokens
     kv_row: int  # bytes of one key row (G x D in the params dtype)
@@ -94,24 +95,29 @@ class _AttentionShape:
 
 
 def _attention_bytes(impl: str, a: _AttentionShape) -> tuple[int, int, int]:
-    """(key layout, self-attention scores, cross-attention scores) of one layer, in bytes.
+    """(keys, self-attention scores, cross-attention scores) of one layer, in bytes.
 
-    xla: the (G, K, D) copy of the key buffer the flash loop reads; per row one float32 score
-    tile, Q_BLOCK queries x one key block (the probabilities are computed into it). dpa: the
-    buffer padded by `span` rows; a chunk's whole scores (the portable path does not tile).
-    cudnn: the padded buffer; scores stay on chip, only the softmax statistics reach memory.
-    pallas: the (G, K, D) copy of the key buffer the kernel reads in place; scores and
-    statistics stay on chip; the query rows regrouped by key head, and the output, are copies."""
+    keys: what the implementation reads keys and values from, beyond the cache window and
+    the call's own keys. All but pallas join them in one buffer per guidance row
+    (attention.key_buffer), then xla reads a (G, K, D) copy of it; cudnn and dpa a copy padded
+    by `span` rows. pallas reads the window and the call's keys where they lie
+    (attention.KeyParts), from (G, ., D) copies: the window's shared by the rows.
+    Scores: xla, per row one float32 tile, Q_BLOCK queries x one key block (the probabilities
+    are computed into it); dpa, a chunk's whole scores (the portable path does not tile);
+    cudnn, only the softmax statistics reach memory; pallas, scores and statistics stay on
+    chip, and the query rows regrouped by key head, and the output, are copies."""
     q = min(a.n, Q_BLOCK)
+    joined = a.rows * 2 * a.keys * a.kv_row
     if impl == "xla":
         kb = self_key_block(a.n, a.keys)
         score = a.rows * a.heads * q * 4 * 2
-        return a.rows * 2 * a.keys * a.kv_row, score * kb, score * min(K_BLOCK, a.length)
+        return 2 * joined, score * kb, score * min(K_BLOCK, a.length)
     if impl == "pallas":
         item = a.kv_row // a.kv_heads_dim
         regrouped = 2 * a.rows * a.tokens * a.heads * a.head_dim * item  # one chunk at a time
-        return a.rows * 2 * a.keys * a.kv_row, regrouped, regrouped
-    padded = a.rows * 2 * (a.keys + a.span) * a.kv_row
+        heads_first = 2 * a.window * a.kv_row + a.rows * 2 * (a.keys - a.window) * a.kv_row
+        return heads_first, regrouped, regrouped
+    padded = joined + a.rows * 2 * (a.keys + a.span) * a.kv_row
     if impl == "dpa":
         item = a.kv_row // a.kv_heads_dim  # bytes of an input element
         # float32 scores and probabilities; 16-bit inputs add the scores and probabilities in
@@ -186,14 +192,16 @@ def plan_memory(
         keys = window + r * n
         carry = 2 * rows * s * d * pd
         kv_row = g * hd * pd // model_split
-        kv = rows * 2 * keys * kv_row + 2 * window * kv_row  # the key buffer per row, the cache window
+        kv = 2 * window * kv_row  # the cache window, read once for the guidance rows
+        if seq > 1:  # the call's keys and values gathered from every device, padding and all
+            kv += rows * 2 * r * per_chunk * seq * kv_row
         qkv = rows * s * (2 * h + 2 * g) * hd * pd // model_split
         span = min(call.kv_span or keys, keys)
         shape = _AttentionShape(
-            rows, h // model_split or 1, n, keys, span, length, kv_row, g * hd // model_split, per_chunk, hd
+            rows, h // model_split or 1, n, keys, window, span, length, kv_row, g * hd // model_split, per_chunk, hd
         )
-        layout_kv, tile, cross = _attention_bytes(impl, shape)
-        kv += layout_kv
+        key_bytes, tile, cross = _attention_bytes(impl, shape)
+        kv += key_bytes
         cross += rows * r * length * 2 * kv_row  # the chunks' caption keys and values
         # the output projection and the MLP run one chunk at a time (dit._by_chunk)
         proj = rows * per_chunk * (2 * h * hd * pd // model_split + 3 * d * 4)

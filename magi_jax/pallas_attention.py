@@ -2,13 +2,18 @@
 
 Each query chunk r sees the key rows [lo[r], hi[r]) of a buffer - for self-attention the
 layer's key buffer by global position (attention.key_buffer), for cross-attention its own
-caption's first hi[r] tokens. The kernel walks only the key blocks that range touches: the
+caption's first hi[r] tokens - or one range in each of several buffers
+(`ranged_attention_over`): the sampler's self-attention reads the cache window and the
+call's own keys as two, so that they are never copied into one buffer (on 4.5B_base's
+largest TPU step that buffer, one per guidance row, and its heads-first copy took 1.9 GiB
+per chip). The sources' key steps follow one another on the grid, the softmax statistics
+carried across them. The kernel walks only the key blocks a range touches: the
 ranges are prefetched scalars, a key block's index is computed from them (clamped to the
 range's last block, so a step past the range asks for the block already in VMEM and no copy
 is made), and a step past the range does no arithmetic. Keys outside the range inside the two
 edge blocks are masked, their values zeroed (a row outside the range may hold anything).
 
-So the buffer is read in place: no per-chunk slice of it, no sort or gather, and K/V are not
+So the buffers are read in place: no per-chunk slice of them, no sort or gather, and K/V are not
 repeated per query head - the H / G query heads of a group are extra query rows of that
 group (no causal mask, so rows are independent).
 
@@ -54,10 +59,12 @@ def key_block(lo, hi, j, k_tile: int, last: int):
     return jnp.minimum(jnp.minimum(first + j, end), last)
 
 
-def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, scale, k_tile, steps):
+def _kernel(lo_ref, hi_ref, q_ref, *refs, scale, tiles, steps):
+    """One (chunk, key group, query tile) over its key steps: each source's steps in turn
+    (`steps[s]` of source s, of `tiles[s]` rows), the softmax carried across them."""
+    sources = len(tiles)
+    kv_refs, (o_ref, m_ref, l_ref, acc_ref) = refs[: 2 * sources], refs[2 * sources :]
     r, j = pl.program_id(0), pl.program_id(3)
-    lo, hi = lo_ref[r], hi_ref[r]
-    start = block_start(lo, j, k_tile)
 
     @pl.when(j == 0)
     def _():
@@ -65,25 +72,35 @@ def _kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(computes(lo, hi, j, k_tile))  # a block wholly past the range: nothing to do, nothing copied
-    def _():
-        q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-        rows = start + jax.lax.broadcasted_iota(jnp.int32, (1, k_tile), 1)
-        inside = (rows >= lo) & (rows < hi)
-        s = jnp.where(inside, s, -jnp.inf)  # a computed block holds at least one key of the range
-        m_prev = m_ref[...]
-        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.exp(s - m_next[:, :1])
-        alpha = jnp.exp(m_prev - m_next)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-        m_ref[...] = m_next
-        cols = start + jax.lax.broadcasted_iota(jnp.int32, (k_tile, 1), 0)
-        v = jnp.where((cols >= lo) & (cols < hi), v, jnp.zeros_like(v))
-        pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+    first = 0
+    for src in range(sources):
+        k_ref, v_ref, k_tile = kv_refs[2 * src], kv_refs[2 * src + 1], tiles[src]
+        lo, hi = lo_ref[src, r], hi_ref[src, r]
+        step = j - first
+        here = (step >= 0) & (step < steps[src])
 
-    @pl.when(j == steps - 1)
+        # a block wholly past the range: nothing to do, nothing copied
+        @pl.when(here & computes(lo, hi, step, k_tile))
+        def _(k_ref=k_ref, v_ref=v_ref, k_tile=k_tile, lo=lo, hi=hi, step=step):
+            start = block_start(lo, step, k_tile)
+            q, k, v = q_ref[...], k_ref[...], v_ref[...]
+            s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+            rows = start + jax.lax.broadcasted_iota(jnp.int32, (1, k_tile), 1)
+            s = jnp.where((rows >= lo) & (rows < hi), s, -jnp.inf)  # a computed block holds a key of the range
+            m_prev = m_ref[...]
+            m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            p = jnp.exp(s - m_next[:, :1])
+            alpha = jnp.exp(m_prev - m_next)
+            l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+            m_ref[...] = m_next
+            cols = start + jax.lax.broadcasted_iota(jnp.int32, (k_tile, 1), 0)
+            v = jnp.where((cols >= lo) & (cols < hi), v, jnp.zeros_like(v))
+            pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            acc_ref[...] = alpha[:, :1] * acc_ref[...] + pv
+
+        first += steps[src]
+
+    @pl.when(j == first - 1)
     def _():
         total = l_ref[...][:, :1]  # 0 for an empty range
         o_ref[...] = jnp.where(total > 0, acc_ref[...] / jnp.where(total > 0, total, 1.0), 0.0).astype(o_ref.dtype)
@@ -93,33 +110,54 @@ def ranged_attention(q, k, v, lo, hi, span: int):
     """q (R, N, H, D); k, v (G, K, D) one buffer for all chunks, or (R, G, K, D) a buffer per
     chunk; lo, hi (R,) each chunk's rows [lo, hi); span: a static bound on hi - lo (the grid's
     key steps). Off TPU it runs in Pallas's interpreter. -> (R, N, H, D)."""
+    return ranged_attention_over(q, ((k, v),), lo[None], hi[None], (span,))
+
+
+def ranged_attention_over(q, sources, lo, hi, spans):
+    """Attention over the union of one key range in each of several buffers (the cache
+    window and this call's keys, read where they lie rather than copied into one buffer).
+
+    q (R, N, H, D); sources: ((k, v), ...) each (G, K_s, D) shared by the chunks or
+    (R, G, K_s, D) one per chunk; lo, hi (S, R) each chunk's rows [lo, hi) of each source;
+    spans: per source, a static bound on hi - lo. -> (R, N, H, D)."""
     r, n, h, d = q.shape
-    per_chunk = k.ndim == 4
-    g, rows = k.shape[-3], k.shape[-2]
+    g = sources[0][0].shape[-3]
     rep = h // g
-    # a dimension that fits one tile is one block; a longer one ends in a partial block, whose
-    # rows past the array hold anything (masked: they lie past every range; query rows there
-    # are never written back)
-    k_tile = rows if rows <= K_TILE else K_TILE
     q_rows = rep * n
     q_tile = q_rows if q_rows <= Q_TILE else Q_TILE
     # query rows of group g: its rep heads' tokens, head-major (the one copy the kernel needs)
     qg = q.reshape(r, n, g, rep, d).transpose(0, 2, 3, 1, 4).reshape(r, g, q_rows, d)
-    last = -(-rows // k_tile) - 1
-    steps = min(-(-span // k_tile) + 1, last + 1)  # a range of `span` rows touches at most these blocks
-
-    def kv_index(r_, g_, i, j, lo_, hi_):
-        block = key_block(lo_[r_], hi_[r_], j, k_tile, last)
-        return (r_, g_, block, 0) if per_chunk else (g_, block, 0)
-
-    kv_spec = pl.BlockSpec((None,) * (k.ndim - 2) + (k_tile, d), kv_index)
     q_spec = pl.BlockSpec((None, None, q_tile, d), lambda r_, g_, i, j, lo_, hi_: (r_, g_, i, 0))
-    grid = (r, g, -(-q_rows // q_tile), steps)
-    kernel = functools.partial(_kernel, scale=1.0 / math.sqrt(d), k_tile=k_tile, steps=steps)
+
+    tiles, steps, kv_specs, operands = [], [], [], []
+    first = 0
+    for src, ((k, v), span) in enumerate(zip(sources, spans, strict=True)):
+        rows = k.shape[-2]
+        # a dimension that fits one tile is one block; a longer one ends in a partial block,
+        # whose rows past the array hold anything (masked: they lie past every range)
+        k_tile = rows if rows <= K_TILE else K_TILE
+        last = -(-rows // k_tile) - 1
+        count = min(-(-min(span, rows) // k_tile) + 1, last + 1)  # blocks a range of `span` rows touches
+        per_chunk = k.ndim == 4
+
+        # before its steps a source holds its range's first block (copied once, ahead), after
+        # them its last: a block index that does not change is not copied again
+        def kv_index(r_, g_, i, j, lo_, hi_, src=src, first=first, k_tile=k_tile, last=last, per_chunk=per_chunk):
+            block = key_block(lo_[src, r_], hi_[src, r_], jnp.maximum(j - first, 0), k_tile, last)
+            return (r_, g_, block, 0) if per_chunk else (g_, block, 0)
+
+        spec = pl.BlockSpec((None,) * (k.ndim - 2) + (k_tile, d), kv_index)
+        tiles.append(k_tile)
+        steps.append(count)
+        kv_specs += [spec, spec]
+        operands += [k, v]
+        first += count
+    grid = (r, g, -(-q_rows // q_tile), first)
+    kernel = functools.partial(_kernel, scale=1.0 / math.sqrt(d), tiles=tuple(tiles), steps=tuple(steps))
 
     # what XLA's cost analysis counts (the ranges are only known at run time: at most `span` keys)
     item = jnp.dtype(q.dtype).itemsize
-    visible = min(span, rows)
+    visible = sum(min(span, k.shape[-2]) for (k, _), span in zip(sources, spans))
     cost = pl.CostEstimate(
         flops=4 * r * g * q_rows * visible * d,
         transcendentals=r * g * q_rows * visible,
@@ -133,7 +171,7 @@ def ranged_attention(q, k, v, lo, hi, span: int):
             grid_spec=pltpu.PrefetchScalarGridSpec(
                 num_scalar_prefetch=2,
                 grid=grid,
-                in_specs=[q_spec, kv_spec, kv_spec],
+                in_specs=[q_spec, *kv_specs],
                 out_specs=q_spec,
                 scratch_shapes=[
                     pltpu.VMEM((q_tile, LANES), jnp.float32),
@@ -145,7 +183,7 @@ def ranged_attention(q, k, v, lo, hi, span: int):
             interpret=interpret,
             name="magi_ranged_attention",
             cost_estimate=cost,
-        )(lo.astype(jnp.int32), hi.astype(jnp.int32), qg, k, v)
+        )(jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32), qg, *operands)
 
     # compiled or interpreted is chosen when the program is lowered, for the platform it is
     # lowered for (an AOT compile for a TPU slice on a CPU host gets the kernel)

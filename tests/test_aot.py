@@ -163,12 +163,13 @@ def _instructions(text: str) -> dict:
     }
 
 
-def _kernel_calls(text: str) -> list[tuple[str, str, str]]:
-    """(q, k, v) operand names of each call of our attention kernel in a compiled HLO text
-    (its operands: each chunk's key range lo, hi, then q, k, v)."""
-    operand = r"%([\w.\-]+)"
-    calls = re.findall(rf"custom-call\({', '.join([operand] * 5)}\)[^\n]*tpu_custom_call", text)
-    return [c[2:] for c in calls]
+def _kernel_calls(text: str) -> list[tuple[str, list[str]]]:
+    """(q, [k, v, ...]) operand names of each call of our attention kernel in a compiled HLO
+    text (its operands: the chunks' key ranges lo, hi, then q, then keys and values of each
+    buffer it reads: one, or the cache window and the call's keys)."""
+    calls = re.findall(r"custom-call\(([^)]*)\)[^\n]*tpu_custom_call", text)
+    operands = [re.findall(r"%([\w.\-]+)", c) for c in calls]
+    return [(ops[2], ops[3:]) for ops in operands]
 
 
 @needs_libtpu
@@ -218,12 +219,13 @@ def test_fp8_layers_and_grouped_attention_as_a_v5e_slice_runs_them():
     groups = m.num_query_groups // 2  # per device on model=2
     calls = _kernel_calls(text)
     assert calls and len(calls) == text.count("tpu_custom_call")
-    for q, k, v in calls:
-        (_, qd), (_, kd), (_, vd) = kinds[q], kinds[k], kinds[v]
-        # q ([guidance rows,] chunks, kv heads, rows, head dim); k, v (kv heads, rows, head dim),
-        # or per chunk
-        assert qd[-3] == kd[-3] == vd[-3] == groups, (qd, kd, vd)
-        assert qd[-1] == kd[-1] == m.kv_channels
+    assert any(len(kvs) == 4 for _, kvs in calls), "self-attention reads the cache window and the call's keys"
+    for q, kvs in calls:
+        qd, kvd = kinds[q][1], [kinds[a][1] for a in kvs]
+        # q ([guidance rows,] chunks, kv heads, rows, head dim); each k, v (kv heads, rows,
+        # head dim), or per chunk
+        assert len(kvs) in (2, 4) and qd[-3] == groups and {d[-3] for d in kvd} == {groups}, (qd, kvd)
+        assert qd[-1] == m.kv_channels and {d[-1] for d in kvd} == {m.kv_channels}
 
 
 @needs_libtpu
@@ -268,7 +270,7 @@ def test_training_through_the_pallas_kernel_compiles_for_a_v5e_slice():
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from magi_jax.attention import KeyBuffer, chunk_cross_attention, chunk_self_attention
+    from magi_jax.attention import KeyBuffer, KeyParts, chunk_cross_attention, chunk_self_attention
 
     mesh, _ = aot.slice_mesh("v5e-8", "model=2,seq=4")
     r, n, h, g, d, keys, length = 2, 256, 4, 2, 128, 768, 32
@@ -276,7 +278,10 @@ def test_training_through_the_pallas_kernel_compiles_for_a_v5e_slice():
     def loss(q, k, v, ck, cv, ranges, caption_mask):
         a = chunk_self_attention(q, KeyBuffer(k, v, jnp.int32(0)), ranges, n, 512, impl="pallas")
         b = chunk_cross_attention(q, ck, cv, caption_mask, impl="pallas")
-        return jnp.sum((a + b).astype(jnp.float32) ** 2)
+        # and through a cache window (the first 256 rows) read apart from the call's keys
+        window = (k[:256], v[:256], jnp.int32(0))
+        c = chunk_self_attention(q, KeyParts(k[256:], v[256:], jnp.int32(256), window), ranges, n, 512, impl="pallas")
+        return jnp.sum((a + b + c).astype(jnp.float32) ** 2)
 
     def arg(shape, dtype=jnp.bfloat16):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
@@ -305,7 +310,7 @@ def test_attention_queries_split_over_seq_when_it_does_not_divide_a_chunk():
     kinds = _instructions(text)
     calls = _kernel_calls(text)
     assert calls
-    rows = {kinds[q][1][-2] for q, _, _ in calls}  # ([rows,] chunks, kv heads, query rows, head dim)
+    rows = {kinds[q][1][-2] for q, _ in calls}  # ([rows,] chunks, kv heads, query rows, head dim)
     assert rows == {m.num_attention_heads // m.num_query_groups * -(-n // 4)}, [[kinds[o] for o in c] for c in calls]
     # and the rest of the layer holds the same quarter (each chunk's tokens padded to 20 at
     # the DiT's input): no token activation holds a whole chunk, padded or not

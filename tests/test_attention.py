@@ -14,6 +14,7 @@ import pytest
 from magi_jax import attention, pallas_attention
 from magi_jax.attention import (
     KeyBuffer,
+    KeyParts,
     _flash,
     _Tiles,
     available_implementations,
@@ -190,9 +191,12 @@ def test_the_pallas_kernel_on_a_mesh_equals_one_device():
     cap_k, cap_v = _rand((5, 10, 2, 8), 7, jnp.bfloat16), _rand((5, 10, 2, 8), 8, jnp.bfloat16)
     cap_mask = jnp.asarray(np.arange(10)[None] < np.array([7, 10, 0, 1, 3])[:, None])
 
+    parts = KeyParts(new[0], new[1], jnp.int32(new[2]), window)
+
     def both(q, keys, cap_k, cap_v):
         a = chunk_self_attention(q, keys, ranges, n, 16, impl="pallas")
-        return a, chunk_cross_attention(q, cap_k, cap_v, cap_mask, impl="pallas")
+        in_place = chunk_self_attention(q, parts, ranges, n, 16, impl="pallas")
+        return a, in_place, chunk_cross_attention(q, cap_k, cap_v, cap_mask, impl="pallas")
 
     host = jax.devices("cpu")  # the session's 8 host devices, also beside a single GPU
     with jax.default_device(host[0]):
@@ -203,6 +207,75 @@ def test_the_pallas_kernel_on_a_mesh_equals_one_device():
         got = jax.jit(both)(q, keys, cap_k, cap_v)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def _kernel_operands(fn, *args):
+    """Shapes of every operand of every Pallas kernel call in fn's program."""
+    shapes = []
+
+    def walk(j):
+        for e in j.eqns:
+            if e.primitive.name == "pallas_call":
+                shapes.append([tuple(v.aval.shape) for v in e.invars])
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    if hasattr(sub, "jaxpr"):
+                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return shapes
+
+
+@pytest.mark.parametrize("span", [16, None], ids=["span16", "whole"])
+def test_the_pallas_kernel_reads_the_cache_window_and_the_call_keys_where_they_lie(span):
+    """Given KeyParts, the kernel reads the window and this call's keys as two buffers (no
+    joined buffer of W + S rows is built) with the joined buffer's numbers; the window's
+    unwritten rows (NaN here) are never read."""
+    q, (kw, vw, start), (k_new, v_new, new_start), ranges, n = _sampler_like(jnp.bfloat16)
+    unwritten = (start + np.arange(kw.shape[0]) >= new_start)[:, None, None]
+    window = (jnp.where(unwritten, jnp.nan, kw), jnp.where(unwritten, jnp.nan, vw), start)
+    parts = KeyParts(k_new, v_new, jnp.int32(new_start), window)
+
+    def run(q, parts):
+        return chunk_self_attention(q, parts, ranges, n, span, impl="pallas")
+
+    got = np.asarray(run(q, parts), np.float32)
+    want = _sampler_like_ref(q, (kw, vw, start), (k_new, v_new, new_start), ranges, n, span or 64)
+    np.testing.assert_allclose(got, want, atol=3e-2)
+    assert np.all(got[4:] == 0), "a chunk with no visible key gets zeros"
+
+    g, d, w, s = k_new.shape[1], k_new.shape[2], kw.shape[0], k_new.shape[0]
+    operands = _kernel_operands(run, q, parts)
+    assert operands, "no Pallas kernel in the program"
+    for shapes in operands:
+        assert (g, w, d) in shapes and (g, s, d) in shapes, shapes
+        assert not any(len(sh) == 3 and sh[1] == w + s for sh in shapes), shapes
+
+
+def test_gradients_through_the_window_and_call_keys_equal_the_joined_buffers(monkeypatch):
+    """Training's backward through the in-place reads is the joined buffer's. (The backward
+    recomputes through Pallas's TPU flash kernel, which has no interpreter: here through the
+    xla path, for both.)"""
+
+    def flash_here(qc, kt, vt, lo, hi, span):
+        k, v = jnp.swapaxes(kt, 0, 1), jnp.swapaxes(vt, 0, 1)
+        return attention._xla(qc, k, v, lo, hi, attention._Tiles(8, 8, -(-k.shape[0] // 8)))
+
+    monkeypatch.setattr(attention, "_flash_by_slices", flash_here)
+    q, window, (k_new, v_new, new_start), ranges, n = _sampler_like(jnp.bfloat16)
+
+    def loss(q, kw, k_new, joined):
+        parts = KeyParts(k_new, v_new, jnp.int32(new_start), (kw, window[1], window[2]))
+        keys = parts.joined() if joined else parts
+        out = chunk_self_attention(q, keys, ranges, n, 16, impl="pallas")
+        return jnp.sum(out.astype(jnp.float32) * jnp.linspace(-1, 1, out.size).reshape(out.shape))
+
+    grads = [jax.grad(loss, argnums=(0, 1, 2))(q, window[0], k_new, j) for j in (False, True)]
+    for got, want in zip(*grads):
+        assert np.abs(np.asarray(want, np.float32)).max() > 0
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_the_pallas_kernel_walks_only_the_key_blocks_of_each_range():
