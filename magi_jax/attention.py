@@ -370,7 +370,7 @@ def _pallas_parts(qc, kwt, vwt, knt, vnt, lo, hi, offset, span: int):
     spans = (min(span, w), min(span, s))
 
     def kernel(q, kw, vw, kn, vn, lo2, hi2):
-        return ranged_attention_over(q, ((kw, vw), (kn, vn)), lo2, hi2, spans)
+        return ranged_attention_over(q, ((kw, vw), (kn, vn)), lo2, hi2, spans, span)
 
     return _on_shards(kernel, qc, (kwt, vwt, knt, vnt), jnp.stack([lo_w, lo_n]), jnp.stack([hi_w, hi_n]))
 

@@ -113,13 +113,14 @@ def ranged_attention(q, k, v, lo, hi, span: int):
     return ranged_attention_over(q, ((k, v),), lo[None], hi[None], (span,))
 
 
-def ranged_attention_over(q, sources, lo, hi, spans):
+def ranged_attention_over(q, sources, lo, hi, spans, span: int | None = None):
     """Attention over the union of one key range in each of several buffers (the cache
     window and this call's keys, read where they lie rather than copied into one buffer).
 
     q (R, N, H, D); sources: ((k, v), ...) each (G, K_s, D) shared by the chunks or
     (R, G, K_s, D) one per chunk; lo, hi (S, R) each chunk's rows [lo, hi) of each source;
-    spans: per source, a static bound on hi - lo. -> (R, N, H, D)."""
+    spans: per source, a static bound on hi - lo; span: one on the keys a chunk sees in all
+    (default: their sum; only XLA's cost estimate reads it). -> (R, N, H, D)."""
     r, n, h, d = q.shape
     g = sources[0][0].shape[-3]
     rep = h // g
@@ -157,7 +158,8 @@ def ranged_attention_over(q, sources, lo, hi, spans):
 
     # what XLA's cost analysis counts (the ranges are only known at run time: at most `span` keys)
     item = jnp.dtype(q.dtype).itemsize
-    visible = sum(min(span, k.shape[-2]) for (k, _), span in zip(sources, spans))
+    visible = sum(min(s, k.shape[-2]) for (k, _), s in zip(sources, spans))
+    visible = visible if span is None else min(span, visible)
     cost = pl.CostEstimate(
         flops=4 * r * g * q_rows * visible * d,
         transcendentals=r * g * q_rows * visible,
