@@ -364,7 +364,8 @@ def _pallas_parts(qc, kwt, vwt, knt, vnt, lo, hi, offset, span: int):
     from magi_jax.pallas_attention import ranged_attention_over
 
     w, s = kwt.shape[1], knt.shape[1]
-    lo_w, hi_w = lo, jnp.maximum(jnp.minimum(hi, offset), lo)  # the window's rows below the call's
+    # the window's rows below the call's (and inside the window: XLA clamps a start past it)
+    lo_w, hi_w = lo, jnp.maximum(jnp.minimum(jnp.minimum(hi, offset), w), lo)
     lo_n = jnp.clip(lo - offset, 0, s)
     hi_n = jnp.clip(hi - offset, lo_n, s)
     spans = (min(span, w), min(span, s))
@@ -504,7 +505,7 @@ def _self_parts(qc, keys: KeyParts, kv_range, span: int | None):
     lo, hi = _ranges(kv_range.astype(jnp.int32), start, rows, span)
     offset = jnp.asarray(keys.new_start, jnp.int32) - start
     # heads first, once per layer: the window's copy is shared by the guidance rows
-    kwt, vwt = (jnp.swapaxes(constrain(a, KEY_AXES), 0, 1) for a in (kw, vw))
+    kwt, vwt = (jnp.swapaxes(constrain(a.astype(k.dtype), KEY_AXES), 0, 1) for a in (kw, vw))
     knt, vnt = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)
 
     def chunk(a):  # one chunk at a time: its queries regrouped (and split over seq) alone

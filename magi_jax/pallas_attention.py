@@ -132,13 +132,13 @@ def ranged_attention_over(q, sources, lo, hi, spans, span: int | None = None):
 
     tiles, steps, kv_specs, operands = [], [], [], []
     first = 0
-    for src, ((k, v), span) in enumerate(zip(sources, spans, strict=True)):
+    for src, ((k, v), bound) in enumerate(zip(sources, spans, strict=True)):
         rows = k.shape[-2]
         # a dimension that fits one tile is one block; a longer one ends in a partial block,
         # whose rows past the array hold anything (masked: they lie past every range)
         k_tile = rows if rows <= K_TILE else K_TILE
         last = -(-rows // k_tile) - 1
-        count = min(-(-min(span, rows) // k_tile) + 1, last + 1)  # blocks a range of `span` rows touches
+        count = min(-(-min(bound, rows) // k_tile) + 1, last + 1)  # blocks a range of `bound` rows touches
         per_chunk = k.ndim == 4
 
         # before its steps a source holds its range's first block (copied once, ahead), after

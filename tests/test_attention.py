@@ -228,11 +228,15 @@ def _kernel_operands(fn, *args):
     return shapes
 
 
+@pytest.mark.parametrize("k_tile", [512, 8], ids=["one_block_each", "blocks_of_8"])
 @pytest.mark.parametrize("span", [16, None], ids=["span16", "whole"])
-def test_the_pallas_kernel_reads_the_cache_window_and_the_call_keys_where_they_lie(span):
+def test_the_pallas_kernel_reads_the_cache_window_and_the_call_keys_where_they_lie(span, k_tile, monkeypatch):
     """Given KeyParts, the kernel reads the window and this call's keys as two buffers (no
     joined buffer of W + S rows is built) with the joined buffer's numbers; the window's
-    unwritten rows (NaN here) are never read."""
+    unwritten rows (NaN here) are never read. With key blocks of 8 rows the window is 3 blocks
+    and the call's keys 5: ranges start and end inside blocks, and cross from one buffer into
+    the other."""
+    monkeypatch.setattr(pallas_attention, "K_TILE", k_tile)
     q, (kw, vw, start), (k_new, v_new, new_start), ranges, n = _sampler_like(jnp.bfloat16)
     unwritten = (start + np.arange(kw.shape[0]) >= new_start)[:, None, None]
     window = (jnp.where(unwritten, jnp.nan, kw), jnp.where(unwritten, jnp.nan, vw), start)
@@ -266,13 +270,14 @@ def test_gradients_through_the_window_and_call_keys_equal_the_joined_buffers(mon
     monkeypatch.setattr(attention, "_flash_by_slices", flash_here)
     q, window, (k_new, v_new, new_start), ranges, n = _sampler_like(jnp.bfloat16)
 
-    def loss(q, kw, k_new, joined):
-        parts = KeyParts(k_new, v_new, jnp.int32(new_start), (kw, window[1], window[2]))
+    def loss(q, kw, vw, k_new, v_new, joined):
+        parts = KeyParts(k_new, v_new, jnp.int32(new_start), (kw, vw, window[2]))
         keys = parts.joined() if joined else parts
         out = chunk_self_attention(q, keys, ranges, n, 16, impl="pallas")
         return jnp.sum(out.astype(jnp.float32) * jnp.linspace(-1, 1, out.size).reshape(out.shape))
 
-    grads = [jax.grad(loss, argnums=(0, 1, 2))(q, window[0], k_new, j) for j in (False, True)]
+    args = (q, window[0], window[1], k_new, v_new)
+    grads = [jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args, j) for j in (False, True)]
     for got, want in zip(*grads):
         assert np.abs(np.asarray(want, np.float32)).max() > 0
         np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
