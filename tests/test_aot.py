@@ -378,8 +378,10 @@ def test_fp8_layer_segments_hold_no_second_copy_of_the_cache_on_a_v5e_slice():
     which layers a scan touches, XLA narrowed the middle scan's carried KV cache to those
     layers, a second copy in another layout (1.2 GiB per chip in 4.5B_distill_quant's 1-chunk
     window on v5e-8 `model=2,seq=4`: 4.62 GiB, 15% over the plan). The released layer shapes at 720x720,
-    5 layers, the first window: the fp8 model's temporaries stay within a quarter of the
-    one-scan bf16 model's (measured: 286 MiB against 262; with the copy, 436)."""
+    5 layers, the first window: the fp8 model's temporaries stay within 35% over the one-scan
+    bf16 model's. Measured with the attention reading the cache window in place: 260 MiB against
+    205, and with the copy (the barrier on the layer indices removed) 303, 48% over. Before
+    that change: 286 against 262, and 436 with the copy."""
     mesh, _ = aot.slice_mesh("v5e-8", "model=2,seq=4")
     temporaries = {}
     for variant in ("4.5B_distill", "4.5B_distill_quant"):
@@ -389,7 +391,7 @@ def test_fp8_layer_segments_hold_no_second_copy_of_the_cache_on_a_v5e_slice():
         with jax.default_matmul_precision("default"):
             compiled, _ = aot.compile_program(program, mesh, "pallas")
         temporaries[variant] = aot.device_bytes(compiled)[3]
-    assert temporaries["4.5B_distill_quant"] < 1.25 * temporaries["4.5B_distill"], temporaries
+    assert temporaries["4.5B_distill_quant"] < 1.35 * temporaries["4.5B_distill"], temporaries
 
 
 @needs_libtpu
