@@ -137,13 +137,15 @@ def key_buffer(k_new, v_new, new_start, window=None) -> KeyBuffer:
     if window is None:
         return KeyBuffer(k_new, v_new, jnp.asarray(new_start, jnp.int32))
     kw, vw, start = window
-    at = (jnp.asarray(new_start - start, jnp.int32), 0, 0)
+    at = jnp.asarray(new_start - start, jnp.int32)
+    return KeyBuffer(_joined(kw, k_new, at), _joined(vw, v_new, at), jnp.asarray(start, jnp.int32))
 
-    def put(w, new):
-        buf = jnp.concatenate([w.astype(new.dtype), jnp.zeros_like(new)])
-        return jax.lax.dynamic_update_slice(buf, new, at)
 
-    return KeyBuffer(put(kw, k_new), put(vw, v_new), jnp.asarray(start, jnp.int32))
+def _joined(w, new, at, axis: int = 0):
+    """Window rows w, then as many zero rows as `new` has, with `new` written from row `at`
+    (along `axis`)."""
+    buf = jnp.concatenate([w.astype(new.dtype), jnp.zeros_like(new)], axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(buf, new, at, axis=axis)
 
 
 class KeyParts(NamedTuple):
@@ -385,12 +387,8 @@ def _pallas_parts_bwd(span, saved, grad):
     # built here for it
     qc, kwt, vwt, knt, vnt, lo, hi, offset = saved
 
-    def joined(q, kw, vw, kn, vn):
-        def put(w, new):
-            buf = jnp.concatenate([w, jnp.zeros_like(new)], axis=1)
-            return jax.lax.dynamic_update_slice(buf, new, (0, offset, 0))
-
-        return _pallas(q, put(kw, kn), put(vw, vn), lo, hi, span)
+    def joined(q, kw, vw, kn, vn):  # heads first: rows on axis 1
+        return _pallas(q, _joined(kw, kn, offset, axis=1), _joined(vw, vn, offset, axis=1), lo, hi, span)
 
     _, pullback = jax.vjp(joined, qc, kwt, vwt, knt, vnt)
     return (*pullback(grad), None, None, None)

@@ -159,25 +159,29 @@ def test_keys_outside_a_chunks_slice_are_never_read(impl):
         np.testing.assert_allclose(np.asarray(out, np.float32), _softmax_ref(q[c], k, v, ~poison), atol=tol)
 
 
+def _equations(fn, *args):
+    """Every equation of fn's traced program, those of nested programs (maps, conditionals,
+    custom rules, kernels) included."""
+
+    def walk(j):
+        for e in j.eqns:
+            yield e
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    sub = getattr(sub, "jaxpr", sub)  # a closed program's own
+                    if hasattr(sub, "eqns"):
+                        yield from walk(sub)
+
+    return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
 @pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i != "xla"])
 def test_fused_paths_slice_without_sorting_gathering_or_repeating(impl):
     # the kernels get each chunk's `span` rows (no sort, no gather, no copy per query head)
     q, window, new, ranges, n = _sampler_like(jnp.bfloat16)
     keys = key_buffer(*new[:2], new[2], window)
-    jaxpr = jax.make_jaxpr(lambda q, keys, ranges: chunk_self_attention(q, keys, ranges, n, 16, impl=impl))(
-        q, keys, ranges
-    )
-    prims = set()
-
-    def walk(j):
-        for e in j.eqns:
-            prims.add(e.primitive.name)
-            for p in e.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    if hasattr(sub, "jaxpr"):
-                        walk(sub.jaxpr)
-
-    walk(jaxpr.jaxpr)
+    attend = lambda q, keys, ranges: chunk_self_attention(q, keys, ranges, n, 16, impl=impl)  # noqa: E731
+    prims = {e.primitive.name for e in _equations(attend, q, keys, ranges)}
     assert not prims & {"sort", "gather", "argsort"}, prims
 
 
@@ -211,21 +215,7 @@ def test_the_pallas_kernel_on_a_mesh_equals_one_device():
 
 def _kernel_operands(fn, *args):
     """Shapes of every operand of every Pallas kernel call in fn's program."""
-    shapes = []
-
-    def walk(j):
-        for e in j.eqns:
-            if e.primitive.name == "pallas_call":
-                shapes.append([tuple(v.aval.shape) for v in e.invars])
-            for p in e.params.values():
-                for sub in p if isinstance(p, (list, tuple)) else [p]:
-                    if hasattr(sub, "jaxpr"):
-                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
-                    elif hasattr(sub, "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return shapes
+    return [[tuple(v.aval.shape) for v in e.invars] for e in _equations(fn, *args) if e.primitive.name == "pallas_call"]
 
 
 @pytest.mark.parametrize("k_tile", [512, 8], ids=["one_block_each", "blocks_of_8"])
